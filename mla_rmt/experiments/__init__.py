@@ -1,0 +1,1 @@
+"""Stand-alone experiments: `python -m mla_rmt.experiments.<name> --help`."""

@@ -1,0 +1,96 @@
+"""The default config and the model-size presets that config files build on.
+
+Every field a module reads is declared here, so `--config.a.b=value` overrides are
+type-checked by ml_collections and a typo fails at the command line.
+"""
+import ml_collections
+
+MODEL_PRESETS = {
+    # Trains in minutes on 2 CPU cores on the embedded corpus.
+    "tiny": dict(num_layers=4, d_model=128, num_heads=4, d_head=32, mlp_dim=384, vocab_size=2048),
+    # LLaMA-130M of the MLA paper: 12 layers, d_model 768, 12 heads of 64, SwiGLU 2048.
+    "llama_130m": dict(num_layers=12, d_model=768, num_heads=12, d_head=64, mlp_dim=2048,
+                       vocab_size=32000),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All fields with their defaults (the tiny preset on the embedded corpus)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = m = ml_collections.ConfigDict()
+    m.preset = "tiny"
+    m.num_layers = 4
+    m.d_model = 128
+    m.num_heads = 4
+    m.d_head = 32
+    m.mlp_dim = 384
+    m.vocab_size = 2048
+    m.rope_theta = 10000.0
+    m.norm_eps = 1e-5
+    m.dtype = "bfloat16"          # compute dtype of activations and matmuls
+    m.param_dtype = "float32"     # storage dtype of parameters and optimizer state
+    m.remat = False               # rematerialise each layer in the backward pass
+    m.attention_impl = "auto"     # "auto" | "xla" | "cudnn": fused kernel where the kind allows
+    m.attention = a = ml_collections.ConfigDict()
+    a.kind = "mha"                # registered in mla_rmt.attention
+    a.rope_fraction = 1.0         # share f of each head's q/k dims that carry rotary (0 = NoPE)
+    a.num_kv_heads = 0            # gqa: key/value heads (0 = num_heads)
+    a.q_latent_dim = 0            # mla: query latent width (0 = no query compression)
+    a.kv_latent_dim = 0           # mla: key/value latent width (0 = d_model // 2)
+    a.remove_gap = False          # centred attention A - U (DESIGN section 3)
+
+    c.data = d = ml_collections.ConfigDict()
+    d.source = "embedded"         # "embedded" | "text_files" | "tfds"
+    d.tfds_name = ""              # source=tfds: e.g. "c4/en:3.1.0"
+    d.data_dir = ""               # source=tfds: TFDS data_dir (local or gs://); else the cache dir
+    d.text_glob = ""              # source=text_files: a local glob of UTF-8 text files
+    d.train_split = "train"
+    d.eval_split = "validation"
+    d.text_key = "text"           # the feature holding the document text
+    d.tokenizer_path = ""         # SentencePiece model; empty = train one on the corpus and cache
+    d.seq_len = 128
+    d.global_batch_size = 32
+    d.shuffle_seed = 0
+    d.num_shards = 0              # document shards, each filling fixed rows of every batch
+                                  # (0 = one per process; fix it to make batches independent
+                                  # of the process count)
+    d.worker_count = 0            # grain worker processes (0 = in the main process)
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.learning_rate = 3e-3
+    o.warmup_steps = 50
+    o.min_lr_ratio = 0.1          # cosine decays to min_lr_ratio * learning_rate
+    o.weight_decay = 0.1
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.clip_norm = 1.0             # global-norm clipping (0 = off)
+
+    c.train = t = ml_collections.ConfigDict()
+    t.num_steps = 600
+    t.log_every = 25
+    t.eval_every = 100
+    t.eval_batches = 8
+    t.checkpoint_every = 100
+    t.keep_checkpoints = 3
+    t.peak_flops_per_device = 0.0  # for perf/mfu; 0 = look up the device kind (none on CPU)
+
+    c.diagnostics = g = ml_collections.ConfigDict()
+    g.every = 0                   # weight spectra cadence in steps (0 = off)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1              # -1 = the devices left over
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    return c
+
+
+def apply_model_preset(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """Sets the model sizes of a named preset; other fields keep their values."""
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"config.model.preset: unknown preset {name!r}; known: {sorted(MODEL_PRESETS)}")
+    config.model.preset = name
+    config.model.update(MODEL_PRESETS[name])
+    return config

