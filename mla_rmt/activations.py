@@ -7,7 +7,7 @@ the entropy of the softmax rows in bits.
 import jax
 import jax.numpy as jnp
 
-from mla_rmt import attention
+from mla_rmt import attention, spectral
 from mla_rmt.model import Transformer
 from mla_rmt.model_config import ModelConfig
 
@@ -20,7 +20,7 @@ def _gram_eigs(x_NxTxK):
         gram = jnp.einsum("ntk,ntl->nkl", x_NxTxK, x_NxTxK, precision=HIGHEST)
     else:
         gram = jnp.einsum("ntk,nsk->nts", x_NxTxK, x_NxTxK, precision=HIGHEST)
-    return jnp.clip(jnp.linalg.eigvalsh(gram)[..., ::-1], 0.0, None)
+    return jnp.clip(spectral.eigvalsh(gram)[..., ::-1], 0.0, None)
 
 
 def stable_rank_of_gram(eigs_NxP):

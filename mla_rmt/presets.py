@@ -78,7 +78,11 @@ def base_config() -> ml_collections.ConfigDict:
     t.peak_flops_per_device = 0.0  # for perf/mfu; 0 = look up the device kind (none on CPU)
 
     c.diagnostics = g = ml_collections.ConfigDict()
-    g.every = 0                   # weight spectra cadence in steps (0 = off)
+    g.every = 0                   # weight spectra cadence in steps, inside the train step (0 = off)
+    g.matrices = ""               # comma-separated subset of the kind's matrices ("" = all)
+    g.null = "product"            # null law: "product" (free product of Wisharts) or "mp"
+    g.activations_every = 0       # activation probes cadence (0 = the same as every)
+    g.probe_batch = 4             # sequences of the held-out probe batch
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1              # -1 = the devices left over

@@ -48,10 +48,49 @@ def _descending(eigs):
     return jnp.maximum(eigs, 0.0)[..., ::-1]
 
 
+def _one_at_a_time_on_cpu(fn, x_BxKxK):
+    """fn over the leading axes of x; on CPU one matrix at a time (lax.map).
+
+    jax's batched CPU eigh blocks a thread-pool worker until its batch is done, so two of them
+    running at once (XLA runs independent ops concurrently) can deadlock a small pool; single
+    matrices run inline. Accelerators keep the batched kernel.
+    """
+    batch, k = x_BxKxK.shape[:-2], x_BxKxK.shape[-1]
+    if not batch:
+        return fn(x_BxKxK)
+    flat = x_BxKxK.reshape(-1, k, k)
+    out = jax.lax.platform_dependent(flat, cpu=lambda m: jax.lax.map(fn, m), default=fn)
+    return jax.tree.map(lambda y: y.reshape(*batch, *y.shape[1:]), out)
+
+
+@jax.custom_batching.custom_vmap
+def eigvalsh(x_KxK):
+    """Ascending eigenvalues [..., K] of symmetric matrices (see _one_at_a_time_on_cpu)."""
+    return _one_at_a_time_on_cpu(jnp.linalg.eigvalsh, x_KxK)
+
+
+@jax.custom_batching.custom_vmap
+def eigh(x_KxK):
+    """(eigenvalues [..., K], eigenvectors [..., K, K]) of symmetric matrices."""
+    return _one_at_a_time_on_cpu(lambda m: tuple(jnp.linalg.eigh(m)), x_KxK)
+
+
+@eigvalsh.def_vmap
+def _eigvalsh_vmap(axis_size, in_batched, x_NxKxK):
+    del axis_size, in_batched        # vmap adds a leading batch axis: still one at a time on CPU
+    return eigvalsh(x_NxKxK), True
+
+
+@eigh.def_vmap
+def _eigh_vmap(axis_size, in_batched, x_NxKxK):
+    del axis_size, in_batched
+    return eigh(x_NxKxK), (True, True)
+
+
 def gram_esd(g_KxK):
     """Eigenvalues [..., K] of a symmetric PSD Gram, descending, tiny negatives clipped to 0."""
     g = _f32(g_KxK)
-    return _descending(jnp.linalg.eigvalsh(0.5 * (g + jnp.swapaxes(g, -1, -2))))
+    return _descending(eigvalsh(0.5 * (g + jnp.swapaxes(g, -1, -2))))
 
 
 def esd(w_NxM):
@@ -80,7 +119,7 @@ def product_esd(a_NxK, b_MxK):
     a @ b.T has rank <= min(N, M, K), and the trailing K - rank values are ~0 (rounding).
     """
     a, b = _f32(a_NxK), _f32(b_MxK)
-    w_K, v_KxK = jnp.linalg.eigh(_gram(a))
+    w_K, v_KxK = eigh(_gram(a))
     d_K = jnp.sqrt(jnp.maximum(w_K, 0.0))
     vtgv_KxK = jnp.einsum("...ki,...kl,...lj->...ij", v_KxK, _gram(b), v_KxK, precision=HIGHEST)
     m_KxK = d_K[..., :, None] * vtgv_KxK * d_K[..., None, :]

@@ -19,7 +19,7 @@ import optax
 from absl import logging
 from etils import epath
 
-from mla_rmt import attention, checkpoint, data, sharding, summaries, tokenizer
+from mla_rmt import activations, attention, checkpoint, data, diagnostics, sharding, summaries, tokenizer
 from mla_rmt.model import Transformer, flops_per_token, param_count
 from mla_rmt.model_config import ConfigError, ModelConfig
 
@@ -63,7 +63,15 @@ def cross_entropy(logits_BxTxV, targets_BxT):
         logits_BxTxV.astype(jnp.float32), targets_BxT).mean()
 
 
-def train_step(state: TrainState, batch, *, model, optimizer, schedule):
+def train_step(state: TrainState, batch, *, model, optimizer, schedule, spectra_fn=None, every=0):
+    """One optimizer step; with spectra_fn, the weight spectra of the incoming params every
+    `every` steps under lax.cond (other steps return zeros and pay nothing)."""
+    spectra = None
+    if spectra_fn is not None:
+        shapes = jax.eval_shape(spectra_fn, state.params)
+        spectra = jax.lax.cond(state.step % every == 0, spectra_fn,
+                               lambda _: diagnostics.empty_like(shapes), state.params)
+
     def loss_fn(params):
         return cross_entropy(model.apply({"params": params}, batch["inputs"]), batch["targets"])
 
@@ -72,6 +80,8 @@ def train_step(state: TrainState, batch, *, model, optimizer, schedule):
     params = optax.apply_updates(state.params, updates)
     metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
                "train/learning_rate": schedule(state.step)}
+    if spectra is not None:
+        metrics["spectra"] = spectra
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -162,6 +172,7 @@ class Trainer:
     mesh: jax.sharding.Mesh
     state_shardings: Any
     abstract_state: Any            # ShapeDtypeStructs with shardings, for restoring
+    spectra_fn: Any                # params -> weight spectra (None when diagnostics are off)
     init_state: Any                # rng -> TrainState, placed on the mesh
     train_step: Any                # (state, batch) -> (state, metrics); donates state
     eval_step: Any                 # (params, batch) -> loss
@@ -177,15 +188,23 @@ def make_trainer(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh) -> T
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=optimizer.init(params))
 
+    spectra_fn, every = None, config.diagnostics.every
+    if every > 0:
+        names = tuple(n.strip() for n in config.diagnostics.matrices.split(",") if n.strip())
+        specs = diagnostics.matrices(cfg, config.diagnostics.null, names)
+        spectra_fn = functools.partial(diagnostics.weight_spectra, cfg=cfg, specs=specs)
+
     boxed = jax.eval_shape(init_boxed, jax.random.key(0))
     state_shardings = sharding.logical_shardings(boxed, mesh)
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   nn.meta.unbox(boxed), state_shardings)
     return Trainer(
         model=model, mesh=mesh, state_shardings=state_shardings, abstract_state=abstract_state,
+        spectra_fn=spectra_fn,
         init_state=jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=state_shardings),
         train_step=jax.jit(
-            functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule),
+            functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule,
+                              spectra_fn=spectra_fn, every=every),
             in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
             out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0),
         eval_step=jax.jit(functools.partial(eval_step, model=model)))
@@ -222,6 +241,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trial
     writer = summaries.SummaryWriter(str(workdir_path))
     if start_step == 0:
         writer.config(config)
+    if jax.process_index() == 0:   # what `mla_rmt.analyze` rebuilds the model from
+        (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=1))
 
     peak = _peak_flops(config)
     flops_token = flops_per_token(cfg, config.data.seq_len)
@@ -234,6 +255,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trial
         return values
 
     pending: list[tuple[int, dict]] = []   # device metrics not yet fetched
+    pending_spectra: list[tuple[int, dict]] = []
+    last_spectra: dict[str, float] = {}
+    probe_every = config.diagnostics.activations_every or config.diagnostics.every
+    probe_tokens = eval_batches[0]["inputs"][: config.diagnostics.probe_batch]
+    probe_fn = jax.jit(functools.partial(activations.probe, cfg))
+
+    def write_spectra(params_step, spectra):
+        nonlocal last_spectra
+        last_spectra = diagnostics.layer_scalars(spectra)
+        writer.scalars(params_step, last_spectra)
+        for name, values in spectra.items():
+            for layer, eigs in enumerate(values["eigenvalues"]):
+                writer.histogram(params_step, f"spectral/{name}/eigenvalues/layer_{layer:02d}", eigs)
+
+    def write_activations(step):
+        stats = jax.device_get(probe_fn(state.params, probe_tokens))
+        writer.scalars(step, {f"activations/{metric}/layer_{layer:02d}": float(v)
+                              for metric, per_layer in stats.items() for layer, v in enumerate(per_layer)})
+
     last_eval: dict[str, float] = {}
     last_train: dict[str, float] = {}
     window_start, window_steps = None, 0
@@ -242,6 +282,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trial
         nonlocal window_start, window_steps, last_train
         rows = [dict(step=s, **{k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
         pending.clear()
+        for params_step, spectra in pending_spectra:     # spectra of the params after params_step
+            write_spectra(params_step, jax.device_get(spectra))
+        pending_spectra.clear()
         _check_finite(rows, workdir, ckpt)
         for row in rows:
             writer.scalars(row["step"], {k: v for k, v in row.items() if k != "step"})
@@ -272,7 +315,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trial
                 state, metrics = trainer.train_step(state, batch)
                 step += 1
                 window_steps += 1
+                spectra = metrics.pop("spectra", None)
+                if spectra is not None and (step - 1) % config.diagnostics.every == 0:
+                    pending_spectra.append((step - 1, spectra))
                 pending.append((step, metrics))
+                if probe_every and step % probe_every == 0:
+                    write_activations(step)
                 if step == start_step + 1:     # the first step includes compilation
                     jax.block_until_ready(metrics)
                     logging.info("First step (with compilation) took %.1fs", time.perf_counter() - loop_start)
@@ -293,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trial
         ckpt.close()           # waits for saves in flight: the last good checkpoint is complete
         writer.close()
         train_iter.close()
-    metrics = {**{k: v for k, v in last_train.items() if k != "step"}, **last_eval}
+    metrics = {**{k: v for k, v in last_train.items() if k != "step"}, **last_eval, **last_spectra}
     if status == "finished":
         (workdir_path / "result.json").write_text(json.dumps({"step": step, **metrics}, indent=1))
         logging.info("Trial finished at step %d: %s", step, json.dumps(metrics))

@@ -44,3 +44,19 @@ def read_scalars(logdir) -> dict[str, dict[int, float]]:
             for event in acc.Scalars(tag):
                 out.setdefault(tag, {})[event.step] = event.value
     return out
+
+
+# The tiny RoPE-budget sweep, shortened: every trial for 20 steps with spectra and probes.
+TINY_SWEEP = ("--config.train.num_steps=20", "--config.train.log_every=5",
+              "--config.train.eval_every=10", "--config.train.checkpoint_every=10",
+              "--config.diagnostics.every=5")
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep_workdir(tmp_path_factory, data_cache):
+    """A finished run of `configs/rope_budget_sweep.py:tiny` (10 trials), shared by tests."""
+    del data_cache
+    workdir = tmp_path_factory.mktemp("tiny_sweep")
+    proc = run_main(workdir, *TINY_SWEEP, config="configs/rope_budget_sweep.py:tiny", timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return workdir
