@@ -1,0 +1,75 @@
+"""Diagnostics inside the train step: they change nothing, and `analyze` reproduces them offline."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, read_scalars, run_main
+
+RUN = ("--config.model.attention.kind=mla_decoupled", "--config.model.attention.rope_fraction=0.5",
+       "--config.train.num_steps=10", "--config.train.log_every=1", "--config.train.eval_every=5",
+       "--config.train.checkpoint_every=5")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same short run with spectra and probes every step, and with diagnostics off."""
+    on, off = tmp_path_factory.mktemp("diag_on"), tmp_path_factory.mktemp("diag_off")
+    for workdir, every in ((on, 1), (off, 0)):
+        proc = run_main(workdir, *RUN, f"--config.diagnostics.every={every}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return on, off
+
+
+def test_diagnostics_leave_the_losses_unchanged(runs):
+    on, off = (read_scalars(w) for w in runs)
+    assert sorted(on["train/loss"]) == list(range(1, 11))
+    assert on["train/loss"] == off["train/loss"]       # bit-identical, not merely close
+    assert on["eval/loss"] == off["eval/loss"]
+    assert not any(tag.startswith(("spectral/", "activations/")) for tag in off)
+
+
+def test_spectral_and_activation_tags(runs):
+    scalars = read_scalars(runs[0])
+    for matrix in ("qk_gram", "qk_circuit", "qk_gram_content", "qk_gram_rope"):
+        for metric in ("mp_gap", "outlier_count", "outlier_energy", "stable_rank", "lambda_plus"):
+            for suffix in ("layer_00", "layer_03", "mean", "max"):
+                values = scalars[f"spectral/{matrix}/{metric}/{suffix}"]
+                assert sorted(values) == list(range(10))        # params after 0..9 updates
+                assert all(math.isfinite(v) for v in values.values())
+    for metric in ("attn_sigma1", "attn_sigma2", "attn_sigma_ratio", "attn_entropy_bits",
+                   "rep_stable_rank"):
+        assert all(math.isfinite(v) for v in scalars[f"activations/{metric}/layer_00"].values())
+    # The spectra move as the weights train: the values are not a constant written each step.
+    lam = scalars["spectral/qk_circuit/lambda_max/max"]
+    assert lam[9] != lam[0]
+
+
+def test_analyze_equals_the_in_step_values(runs):
+    workdir = runs[0]
+    out = workdir / "analysis.json"
+    proc = subprocess.run([sys.executable, "-m", "mla_rmt.analyze", f"--workdir={workdir}",
+                           "--step=5", f"--output={out}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "qk_gram_rope" in proc.stdout and "mp_gap" in proc.stdout
+    offline = json.loads(out.read_text())
+    assert offline["step"] == 5
+    logged = read_scalars(workdir)
+    tags = [t for t in offline["scalars"] if t.startswith("spectral/")]
+    assert len(tags) > 100
+    for tag in tags:
+        np.testing.assert_allclose(offline["scalars"][tag], logged[tag][5], rtol=1e-5, atol=1e-6,
+                                   err_msg=tag)
+    assert len(offline["layers"]["qk_circuit"]["mp_gap"]) == 4           # [L, H]
+    assert len(offline["layers"]["qk_circuit"]["mp_gap"][0]) == 4
+
+
+def test_analyze_names_a_missing_step(runs):
+    proc = subprocess.run([sys.executable, "-m", "mla_rmt.analyze", f"--workdir={runs[0]}",
+                           "--step=7"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "--step=7" in proc.stderr and "[5, 10]" in proc.stderr
