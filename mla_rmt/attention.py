@@ -116,6 +116,25 @@ def causal_probs(q_BxTxHxK, k_BxTxHxK, scale: float, remove_gap: bool):
     return probs
 
 
+def fused_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, scale: float, impl: str = "auto"):
+    """Causal softmax attention through jax.nn.dot_product_attention.
+
+    impl "auto": cuDNN's fused flash kernel on GPU for 16-bit inputs (jax's own None still
+    means XLA), falling back to XLA where cuDNN refuses the shapes (it checks them while
+    tracing); XLA elsewhere. "xla" / "cudnn" force one ("cudnn" fails where unsupported).
+    """
+    if impl == "auto":
+        if jax.default_backend() == "gpu" and q_BxTxHxK.dtype in (jnp.bfloat16, jnp.float16):
+            try:
+                return jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, scale=scale,
+                                                    is_causal=True, implementation="cudnn")
+            except (NotImplementedError, ValueError, RuntimeError, TypeError):
+                pass
+        impl = "xla"
+    return jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, scale=scale,
+                                        is_causal=True, implementation=impl)
+
+
 class Attention(nn.Module):
     """Base of every kind: causal attention over `qkv()` and the output projection W_O."""
     cfg: ModelConfig
@@ -192,10 +211,8 @@ class Attention(nn.Module):
             out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxT.astype(v_BxTxHxK.dtype),
                                      v_BxTxHxK)
         else:
-            impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
-            out_BxTxHxK = jax.nn.dot_product_attention(
-                q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, scale=scale, is_causal=True,
-                implementation=impl)
+            out_BxTxHxK = fused_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, scale,
+                                          cfg.attention_impl)
         h, kv = out_BxTxHxK.shape[2:]
         w_o = self.weight("w_o", (h, kv, cfg.d_model), ("heads", "head_dim", "embed"), h * kv)
         return jnp.einsum("bthk,hkd->btd", out_BxTxHxK, w_o)

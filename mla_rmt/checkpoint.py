@@ -1,12 +1,15 @@
 """Orbax checkpoints of the train state together with the data iterator's position.
 
 Saving both in one step directory is what makes a resumed run see exactly the batches an
-uninterrupted run would have seen. Orbax writes each step to a temporary directory and
-renames it when complete, so a process killed mid-save leaves no half-written step behind.
+uninterrupted run would have seen. The data position is saved per data shard
+(data.ShardStateHandler), so a run may resume on another process count with the same
+config.data.num_shards. Orbax writes each step to a temporary directory and renames it when
+complete, so a process killed mid-save leaves no half-written step behind.
 """
-import grain
 import orbax.checkpoint as ocp
 from etils import epath
+
+from mla_rmt import data
 
 
 class Checkpointer:
@@ -27,13 +30,13 @@ class Checkpointer:
     def save(self, step: int, state, data_iterator=None, force: bool = False) -> bool:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            items["data"] = data.iterator_save_args(data_iterator)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, abstract_state, data_iterator):
         """Returns the state at `step` (placed as `abstract_state` says); rewinds the iterator."""
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                  data=grain.checkpoint.CheckpointRestore(data_iterator))
+                                  data=data.iterator_restore_args(data_iterator))
         return self.manager.restore(step, args=args).state
 
     def restore_state(self, step: int, abstract_state):

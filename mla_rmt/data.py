@@ -8,6 +8,7 @@ Every source ends as a TFDS data source with a `text` feature, so the grain pipe
 Batches are {'inputs', 'targets'}: int32[local_batch, seq_len], targets = inputs shifted by
 one; documents end in EOS and are concatenated, then split into seq_len + 1 token chunks.
 """
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -20,6 +21,7 @@ from typing import Callable, Iterator
 import grain
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import sentencepiece as spm
 import tensorflow_datasets as tfds
 from absl import flags, logging
@@ -373,44 +375,75 @@ def _pack_and_batch(ds: grain.MapDataset, config, tokenizer, rows: int) -> grain
     return ds.map(_inputs_targets).batch(rows, drop_remainder=True)
 
 
-def _concat_rows(blocks: dict) -> dict:
-    """{'inputs': int32[k, rows, T], ...} -> int32[k * rows, T]: shard blocks in shard order."""
-    return {k: v.reshape(-1, v.shape[-1]) for k, v in blocks.items()}
+class ShardedIterator:
+    """This process's rows of every global batch: one grain iterator per data shard it reads,
+    their row blocks concatenated in shard order.
+
+    Its state is kept per shard ({"num_shards", "shards": {shard: grain state}}) and saved one
+    file per shard (ShardStateHandler), so a checkpoint written by P processes resumes on any
+    process count that splits the same config.data.num_shards.
+    """
+
+    def __init__(self, iterators: dict[int, Iterator], num_shards: int):
+        self.iterators = iterators
+        self.num_shards = num_shards
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        blocks = [next(it) for it in self.iterators.values()]
+        if len(blocks) == 1:
+            return blocks[0]
+        return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+
+    def get_state(self) -> dict:
+        return {"num_shards": self.num_shards,
+                "shards": {str(i): it.get_state() for i, it in self.iterators.items()}}
+
+    def set_state(self, state: dict) -> None:
+        """Rewinds to `state`, which holds at least this process's shards."""
+        if state["num_shards"] != self.num_shards:
+            raise ConfigError(f"config.data.num_shards: the saved data position has "
+                              f"{state['num_shards']} shards, this run {self.num_shards}")
+        for i, it in self.iterators.items():
+            it.set_state(state["shards"][str(i)])
+
+    def close(self) -> None:
+        for it in self.iterators.values():
+            it.close()
 
 
-def _local_batches(config, split, tokenizer, process_index, process_count, train: bool):
+def _local_batches(config, split, tokenizer, process_index, process_count, train: bool,
+                   worker_count: int = 0) -> ShardedIterator:
     """This process's rows of every global batch: its shards' streams side by side."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     per_process, rows = _shard_layout(config, process_count)
     num_shards = per_process * process_count
-    streams = []
+    iterators = {}
     for shard in range(process_index * per_process, (process_index + 1) * per_process):
         ds = _shard(config, split, shard, num_shards)
         ds = ds.shuffle(seed=config.data.shuffle_seed).repeat() if train else ds.repeat()
-        streams.append(_pack_and_batch(ds, config, tokenizer, rows))
-    if per_process == 1:
-        return streams[0]
-    # Round-robin over the shard streams, one block each, then stack the blocks.
-    ds = grain.experimental.InterleaveIterDataset(streams, cycle_length=per_process)
-    return ds.batch(per_process).map(_concat_rows)
+        ds = _pack_and_batch(ds, config, tokenizer, rows)
+        if worker_count > 0:
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+        iterators[shard] = iter(ds)
+    return ShardedIterator(iterators, num_shards)
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: spm.SentencePieceProcessor,
-                        process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+                        process_index: int = 0, process_count: int = 1) -> ShardedIterator:
     """Endless, checkpointable iterator of {'inputs', 'targets'}: int32[local_batch, seq_len].
 
     Each process reads disjoint shards of documents, shuffled with config.data.shuffle_seed
     and re-shuffled every epoch (grain's shuffle seeds each epoch differently).
     """
     validate(config)
-    ds = _local_batches(config, config.data.train_split, tokenizer, process_index, process_count,
-                        train=True)
-    if config.data.worker_count > 0:
-        if not flags.FLAGS.is_parsed():   # grain's workers read absl flags (outside app.run: defaults)
-            flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.worker_count))
-    return iter(ds)
+    if config.data.worker_count > 0 and not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()   # grain's workers read absl flags (outside app.run: defaults)
+    return _local_batches(config, config.data.train_split, tokenizer, process_index, process_count,
+                          train=True, worker_count=config.data.worker_count)
 
 
 def make_eval_batches(config: ml_collections.ConfigDict, tokenizer: spm.SentencePieceProcessor,
@@ -418,21 +451,58 @@ def make_eval_batches(config: ml_collections.ConfigDict, tokenizer: spm.Sentence
     """The first num_batches packed batches of the eval split in stored order (no shuffle),
     cycling the split if it is short: the same list on every call."""
     validate(config)
-    it = iter(_local_batches(config, config.data.eval_split, tokenizer, process_index,
-                             process_count, train=False))
+    it = _local_batches(config, config.data.eval_split, tokenizer, process_index, process_count,
+                        train=False)
     batches = [next(it) for _ in range(num_batches)]
     it.close()    # stop its prefetch threads now, not at interpreter exit
     return batches
 
 
-def iterator_save_args(iterator: grain.DatasetIterator):
+class ShardStateHandler(ocp.CheckpointHandler):
+    """Orbax handler of a ShardedIterator's position: each process writes and reads the files
+    `shard_<i>-of-<num_shards>.json` of its own shards."""
+
+    def save(self, directory: epath.Path, args: "ShardStateSave"):
+        state = args.item.get_state()
+        for shard, shard_state in state["shards"].items():
+            (directory / f"shard_{shard}-of-{state['num_shards']}.json").write_text(
+                json.dumps(shard_state, indent=1))
+
+    def restore(self, directory: epath.Path, args: "ShardStateRestore") -> ShardedIterator:
+        item = args.item
+        shards = {}
+        for shard in item.iterators:
+            path = directory / f"shard_{shard}-of-{item.num_shards}.json"
+            if not path.exists():
+                saved = sorted(p.name for p in directory.glob("*.json"))
+                raise ConfigError(f"config.data.num_shards: the checkpoint has no data position "
+                                  f"{path.name} (it holds {saved}); resume with the "
+                                  "config.data.num_shards it was written with")
+            shards[str(shard)] = json.loads(path.read_text())
+        item.set_state({"num_shards": item.num_shards, "shards": shards})
+        return item
+
+
+@ocp.args.register_with_handler(ShardStateHandler, for_save=True)
+@dataclasses.dataclass
+class ShardStateSave(ocp.args.CheckpointArgs):
+    item: ShardedIterator
+
+
+@ocp.args.register_with_handler(ShardStateHandler, for_restore=True)
+@dataclasses.dataclass
+class ShardStateRestore(ocp.args.CheckpointArgs):
+    item: ShardedIterator
+
+
+def iterator_save_args(iterator: ShardedIterator) -> ShardStateSave:
     """Orbax args saving the iterator's position: put into ocp.args.Composite(data=...)."""
-    return grain.checkpoint.CheckpointSave(iterator)
+    return ShardStateSave(iterator)
 
 
-def iterator_restore_args(iterator: grain.DatasetIterator):
+def iterator_restore_args(iterator: ShardedIterator) -> ShardStateRestore:
     """Orbax args restoring into `iterator` in place (it continues where the saved one was)."""
-    return grain.checkpoint.CheckpointRestore(iterator)
+    return ShardStateRestore(iterator)
 
 
 def token_counts(config: ml_collections.ConfigDict, tokenizer: spm.SentencePieceProcessor,

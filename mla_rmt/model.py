@@ -1,7 +1,9 @@
 """LLaMA decoder: token embedding, RMSNorm, swappable attention, SwiGLU MLP, untied LM head.
 
-Layers run under `nn.scan`, so every per-layer parameter has a leading `layers` axis: one
-compilation per model whatever its depth, and the spectral diagnostics batch over layers.
+Layers run under `nn.scan`, so every per-layer parameter has a leading `layers` axis that the
+spectral diagnostics batch over. The scan is unrolled by default (`model.scan_unroll`): a
+rolled loop makes XLA copy each layer's weights, gradients and saved activations in and out
+of the stacked buffers, a third of the step on a GPU.
 """
 import flax.linen as nn
 import jax
@@ -62,7 +64,10 @@ class Transformer(nn.Module):
     capture: bool = False
 
     @nn.compact
-    def __call__(self, tokens_BxT):
+    def __call__(self, tokens_BxT, return_hidden: bool = False):
+        """logits_BxTxV in the compute dtype; with return_hidden, (x_BxTxD, head_DxV) instead:
+        the final-norm output and the LM head as stored (param dtype), for a loss that applies
+        the head itself chunk by chunk and never holds the whole batch's logits."""
         cfg = self.cfg
         embed_VxD = self.param("embed", nn.with_logical_partitioning(
             nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
@@ -73,13 +78,15 @@ class Transformer(nn.Module):
         block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
         layers = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
                          split_rngs={"params": True}, in_axes=nn.broadcast,
-                         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                         length=cfg.num_layers, unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})
         x_BxTxD, _ = layers(cfg, self.capture, name="layers")(x_BxTxD, positions_BxT)
 
         x_BxTxD = RMSNorm(cfg, name="final_norm")(x_BxTxD)
         head_DxV = self.param("lm_head", nn.with_logical_partitioning(
             attention.dense_init(cfg.d_model), ("embed", "vocab")),
             (cfg.d_model, cfg.vocab_size), cfg.params_dtype)
+        if return_hidden:
+            return x_BxTxD, head_DxV
         return x_BxTxD @ head_DxV.astype(cfg.compute_dtype)  # logits_BxTxV
 
 

@@ -28,6 +28,7 @@ class ModelConfig:
     dtype: str
     param_dtype: str
     remat: bool
+    scan_unroll: int
     attention_impl: str
     kind: str
     rope_fraction: float
@@ -45,6 +46,7 @@ class ModelConfig:
             vocab_size=int(model.vocab_size), rope_theta=float(model.rope_theta),
             norm_eps=float(model.norm_eps), dtype=str(model.dtype),
             param_dtype=str(model.param_dtype), remat=bool(model.remat),
+            scan_unroll=int(model.get("scan_unroll", 0)) or int(model.num_layers),
             attention_impl=str(model.attention_impl), kind=str(a.kind),
             rope_fraction=float(a.rope_fraction),
             num_kv_heads=int(a.num_kv_heads) or int(model.num_heads),
@@ -80,6 +82,8 @@ class ModelConfig:
         need(self.dtype in _DTYPES, "model.dtype", f"unknown dtype {self.dtype!r}; known: {sorted(_DTYPES)}")
         need(self.param_dtype in _DTYPES, "model.param_dtype",
              f"unknown dtype {self.param_dtype!r}; known: {sorted(_DTYPES)}")
+        need(1 <= self.scan_unroll <= self.num_layers, "model.scan_unroll",
+             f"must be 0 (all layers) or lie in [1, num_layers={self.num_layers}], got {self.scan_unroll}")
         need(self.attention_impl in ("auto", "xla", "cudnn"), "model.attention_impl",
              f"must be 'auto', 'xla' or 'cudnn', got {self.attention_impl!r}")
         need(0.0 <= self.rope_fraction <= 1.0, "model.attention.rope_fraction",

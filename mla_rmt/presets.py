@@ -32,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.dtype = "bfloat16"          # compute dtype of activations and matmuls
     m.param_dtype = "float32"     # storage dtype of parameters and optimizer state
     m.remat = False               # rematerialise each layer in the backward pass
+    m.scan_unroll = 0             # layers per iteration of the layer scan; 0 = all of them: no
+                                  # loop, which on a GPU runs 1.5x faster (BENCHMARKS.md), while
+                                  # params keep their stacked [layers, ...] layout either way
     m.attention_impl = "auto"     # "auto" | "xla" | "cudnn": fused kernel where the kind allows
     m.attention = a = ml_collections.ConfigDict()
     a.kind = "mha"                # registered in mla_rmt.attention
@@ -76,11 +79,16 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 100
     t.keep_checkpoints = 3
     t.peak_flops_per_device = 0.0  # for perf/mfu; 0 = look up the device kind (none on CPU)
+    t.microbatch_size = 0         # rows per gradient-accumulation microbatch (0 = the whole batch)
+    t.loss_chunk_tokens = 8192    # LM head + loss over sequence chunks of at most this many
+                                  # tokens, never the whole batch's fp32 logits (0 = plain loss)
 
     c.diagnostics = g = ml_collections.ConfigDict()
     g.every = 0                   # weight spectra cadence in steps, inside the train step (0 = off)
     g.matrices = ""               # comma-separated subset of the kind's matrices ("" = all)
     g.null = "product"            # null law: "product" (free product of Wisharts) or "mp"
+    g.images_every = 0            # ESD and heatmap images cadence, a multiple of every (0 = every);
+                                  # they render on a background thread that shares the host
     g.activations_every = 0       # activation probes cadence (0 = the same as every)
     g.probe_batch = 4             # sequences of the held-out probe batch
 

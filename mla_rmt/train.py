@@ -19,7 +19,7 @@ import optax
 from absl import logging
 from etils import epath
 
-from mla_rmt import activations, attention, checkpoint, data, diagnostics, sharding, summaries, tokenizer
+from mla_rmt import activations, attention, checkpoint, data, diagnostics, plots, sharding, summaries, tokenizer
 from mla_rmt.model import Transformer, flops_per_token, param_count
 from mla_rmt.model_config import ConfigError, ModelConfig
 
@@ -63,30 +63,175 @@ def cross_entropy(logits_BxTxV, targets_BxT):
         logits_BxTxV.astype(jnp.float32), targets_BxT).mean()
 
 
-def train_step(state: TrainState, batch, *, model, optimizer, schedule, spectra_fn=None, every=0):
+def loss_chunks(batch: int, seq_len: int, chunk_tokens: int) -> int:
+    """How many sequence chunks the chunked loss uses: the fewest that divide seq_len and hold
+    at most chunk_tokens tokens each (batch x chunk length); seq_len when none is that small."""
+    return next((n for n in range(1, seq_len + 1)
+                 if seq_len % n == 0 and batch * (seq_len // n) <= chunk_tokens), seq_len)
+
+
+def _chunk_pieces(x_BxTxD, targets_BxT, num_chunks):
+    """[n, B, T/n, ...] views of the inputs, chunked along the sequence (the batch axis, which
+    is the sharded one, stays whole in every chunk)."""
+    b, t = targets_BxT.shape
+    c = t // num_chunks
+    x_NxBxCxD = jnp.moveaxis(x_BxTxD.reshape(b, num_chunks, c, -1), 1, 0)
+    targets_NxBxC = jnp.moveaxis(targets_BxT.reshape(b, num_chunks, c), 1, 0)
+    return x_NxBxCxD, targets_NxBxC
+
+
+def _chunk_logits(x_BxCxD, head_DxV):
+    """Logits of one chunk, rounded to the compute dtype as the plain path's are, then widened
+    to fp32 for the softmax (the widening fuses into its consumers: half the memory traffic)."""
+    return jnp.einsum("bcd,dv->bcv", x_BxCxD, head_DxV).astype(jnp.float32)
+
+
+def _chunk_loss_sum(logits_BxCxV, targets_BxC):
+    lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+    target_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+    return jnp.sum(lse_BxC - target_BxC), lse_BxC
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked_ce(x_BxTxD, head_DxV, targets_BxT, num_chunks):
+    x_NxBxCxD, targets_NxBxC = _chunk_pieces(x_BxTxD, targets_BxT, num_chunks)
+    head_c = head_DxV.astype(x_BxTxD.dtype)
+
+    def body(total, chunk):
+        x_BxCxD, targets_BxC = chunk
+        loss_sum, _ = _chunk_loss_sum(_chunk_logits(x_BxCxD, head_c), targets_BxC)
+        return total + loss_sum, None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (x_NxBxCxD, targets_NxBxC))
+    return total / targets_BxT.size
+
+
+def _chunked_ce_fwd(x_BxTxD, head_DxV, targets_BxT, num_chunks):
+    """The loss and both gradients in one pass over the chunks: each chunk's logits are made,
+    used for the loss and for d(loss)/d(logits), and dropped; the backward pass only scales."""
+    b, t = targets_BxT.shape
+    inv_count = 1.0 / targets_BxT.size
+    x_NxBxCxD, targets_NxBxC = _chunk_pieces(x_BxTxD, targets_BxT, num_chunks)
+    head_c = head_DxV.astype(x_BxTxD.dtype)
+
+    def body(carry, chunk):
+        total, dhead_DxV = carry
+        x_BxCxD, targets_BxC = chunk
+        logits_BxCxV = _chunk_logits(x_BxCxD, head_c)
+        loss_sum, lse_BxC = _chunk_loss_sum(logits_BxCxV, targets_BxC)
+        probs_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None])
+        is_target = jax.lax.broadcasted_iota(jnp.int32, logits_BxCxV.shape, 2) == targets_BxC[..., None]
+        # d(mean loss)/d(logits), rounded to the compute dtype as the plain path's cotangent is
+        dlogits_BxCxV = ((jnp.where(is_target, probs_BxCxV - 1.0, probs_BxCxV)) * inv_count
+                         ).astype(x_BxCxD.dtype)
+        dx_BxCxD = jnp.einsum("bcv,dv->bcd", dlogits_BxCxV, head_c,
+                              preferred_element_type=jnp.float32).astype(x_BxCxD.dtype)
+        dhead_DxV = dhead_DxV + jnp.einsum("bcd,bcv->dv", x_BxCxD, dlogits_BxCxV,
+                                           preferred_element_type=jnp.float32)
+        return (total + loss_sum, dhead_DxV), dx_BxCxD
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(head_DxV.shape, jnp.float32))
+    (total, dhead_DxV), dx_NxBxCxD = jax.lax.scan(body, init, (x_NxBxCxD, targets_NxBxC))
+    dx_BxTxD = jnp.moveaxis(dx_NxBxCxD, 0, 1).reshape(b, t, -1)
+    return total * inv_count, (dx_BxTxD, dhead_DxV.astype(head_DxV.dtype))
+
+
+def _chunked_ce_bwd(num_chunks, residuals, g):
+    del num_chunks
+    dx_BxTxD, dhead_DxV = residuals
+    return (dx_BxTxD * g.astype(dx_BxTxD.dtype), dhead_DxV * g.astype(dhead_DxV.dtype), None)
+
+
+_chunked_ce.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
+
+
+def chunked_cross_entropy(x_BxTxD, head_DxV, targets_BxT, chunk_tokens: int = 8192):
+    """cross_entropy(x @ head, targets) without the whole batch's logits: the LM head, the
+    log-sum-exp and the gradients run over sequence chunks of at most chunk_tokens tokens
+    under lax.scan, so at most one chunk's fp32 logits exist at a time.
+
+    A custom VJP computes d/dx and d/dhead while each chunk's logits are live (the backward
+    pass only scales them), so nothing is recomputed, unlike jax.checkpoint around the chunk:
+    the head's matmul FLOPs are the plain path's. The head's gradient accumulates in fp32.
+    Numerics are the plain path's: logits and their cotangent rounded to the compute dtype,
+    log-sum-exp and softmax in fp32.
+    """
+    b, t = targets_BxT.shape
+    return _chunked_ce(x_BxTxD, head_DxV, targets_BxT, loss_chunks(b, t, chunk_tokens))
+
+
+def batch_loss(params, batch, *, model, loss_chunk_tokens: int = 0):
+    """Mean next-token loss of a batch; chunked over the sequence when loss_chunk_tokens > 0."""
+    if loss_chunk_tokens > 0:
+        x_BxTxD, head_DxV = model.apply({"params": params}, batch["inputs"], return_hidden=True)
+        return chunked_cross_entropy(x_BxTxD, head_DxV, batch["targets"], loss_chunk_tokens)
+    return cross_entropy(model.apply({"params": params}, batch["inputs"]), batch["targets"])
+
+
+def microbatches(batch, microbatch_size: int):
+    """{k: [B, ...]} -> {k: [B / m, m, ...]}: microbatch i holds rows i, i + B/m, i + 2B/m, ...
+
+    Strided rather than contiguous, so that with the batch split in blocks over the devices
+    every microbatch is spread evenly over them (each device keeps computing on its own rows).
+    """
+    def split(x):
+        b = x.shape[0]
+        return jnp.swapaxes(x.reshape(microbatch_size, b // microbatch_size, *x.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch, *, model, optimizer, schedule, spectra_fn=None, every=0,
+               microbatch_size: int = 0, loss_chunk_tokens: int = 0, microbatch_sharding=None):
     """One optimizer step; with spectra_fn, the weight spectra of the incoming params every
-    `every` steps under lax.cond (other steps return zeros and pay nothing)."""
-    spectra = None
-    if spectra_fn is not None:
-        shapes = jax.eval_shape(spectra_fn, state.params)
-        spectra = jax.lax.cond(state.step % every == 0, spectra_fn,
-                               lambda _: diagnostics.empty_like(shapes), state.params)
+    `every` steps under lax.cond (other steps return zeros and pay next to nothing).
 
-    def loss_fn(params):
-        return cross_entropy(model.apply({"params": params}, batch["inputs"]), batch["targets"])
+    With 0 < microbatch_size < batch rows, the gradients of B / microbatch_size microbatches
+    are summed in fp32 under lax.scan and averaged, then one update is applied: the same step
+    as on the whole batch (to rounding), with the activations of one microbatch alive at once.
+    """
+    grad_fn = jax.value_and_grad(functools.partial(batch_loss, model=model,
+                                                   loss_chunk_tokens=loss_chunk_tokens))
+    rows = batch["inputs"].shape[0]
+    if 0 < microbatch_size < rows:
+        if rows % microbatch_size:
+            raise ConfigError(f"config.train.microbatch_size: {microbatch_size} does not divide "
+                              f"the batch of {rows} rows")
+        num_micro = rows // microbatch_size
+        micro = microbatches(batch, microbatch_size)
+        if microbatch_sharding is not None:
+            micro = jax.lax.with_sharding_constraint(micro, microbatch_sharding)
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        def accumulate(carry, microbatch):
+            loss_sum, grad_sum = carry
+            loss, grads = grad_fn(state.params, microbatch)
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro)
+        loss = loss_sum / num_micro
+        grads = jax.tree.map(lambda g, p: (g / num_micro).astype(p.dtype), grad_sum, state.params)
+    else:
+        loss, grads = grad_fn(state.params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
                "train/learning_rate": schedule(state.step)}
-    if spectra is not None:
-        metrics["spectra"] = spectra
+    if spectra_fn is not None:
+        # The spectra of the incoming params, ordered after the update by the barrier: on a GPU
+        # a conditional waits on the host for its predicate, which at the end of the step
+        # stalls nothing, while mid-step it would leave the rest of the step's launches exposed.
+        # Only the attention weights are kept past the in-place update (all the spectra read).
+        attention_params, _ = jax.lax.optimization_barrier(
+            (state.params["layers"]["attention"], params))
+        incoming = {"layers": {"attention": attention_params}}
+        shapes = jax.eval_shape(spectra_fn, incoming)
+        metrics["spectra"] = jax.lax.cond(state.step % every == 0, spectra_fn,
+                                          lambda _: diagnostics.empty_like(shapes), incoming)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch, *, model):
-    return cross_entropy(model.apply({"params": params}, batch["inputs"]), batch["targets"])
+def eval_step(params, batch, *, model, loss_chunk_tokens: int = 0):
+    return batch_loss(params, batch, model=model, loss_chunk_tokens=loss_chunk_tokens)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -100,6 +245,18 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     for field in ("seq_len", "global_batch_size"):
         if config.data[field] <= 0:
             raise ConfigError(f"config.data.{field}: must be positive, got {config.data[field]}")
+    micro = config.train.get("microbatch_size", 0)
+    if micro < 0 or (micro and config.data.global_batch_size % micro):
+        raise ConfigError(f"config.train.microbatch_size: {micro} must be 0 (off) or a positive "
+                          f"divisor of config.data.global_batch_size={config.data.global_batch_size}")
+    if config.train.get("loss_chunk_tokens", 0) < 0:
+        raise ConfigError("config.train.loss_chunk_tokens: must be >= 0 (0 = plain loss), got "
+                          f"{config.train.loss_chunk_tokens}")
+    images_every = config.diagnostics.get("images_every", 0)
+    if images_every < 0 or (images_every and config.diagnostics.every
+                            and images_every % config.diagnostics.every):
+        raise ConfigError(f"config.diagnostics.images_every: {images_every} must be 0 (with every "
+                          f"spectra step) or a multiple of diagnostics.every={config.diagnostics.every}")
     if config.optim.learning_rate <= 0:
         raise ConfigError(f"config.optim.learning_rate: must be positive, got {config.optim.learning_rate}")
     data.validate(config)
@@ -176,6 +333,8 @@ class Trainer:
     init_state: Any                # rng -> TrainState, placed on the mesh
     train_step: Any                # (state, batch) -> (state, metrics); donates state
     eval_step: Any                 # (params, batch) -> loss
+    step_fn: Any = None            # the un-jitted train step (train_step with this trial's
+                                   # settings bound; `every` may be overridden), for benchmarks
 
 
 def make_trainer(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh) -> Trainer:
@@ -194,20 +353,33 @@ def make_trainer(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh) -> T
         specs = diagnostics.matrices(cfg, config.diagnostics.null, names)
         spectra_fn = functools.partial(diagnostics.weight_spectra, cfg=cfg, specs=specs)
 
+    micro = int(config.train.get("microbatch_size", 0))
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if 0 < micro < config.data.global_batch_size and micro % batch_devices:
+        raise ConfigError(f"config.train.microbatch_size: {micro} rows do not split over the "
+                          f"{batch_devices} devices of the mesh's data x fsdp axes")
+    loss_chunk_tokens = int(config.train.get("loss_chunk_tokens", 0))
+
     boxed = jax.eval_shape(init_boxed, jax.random.key(0))
     state_shardings = sharding.logical_shardings(boxed, mesh)
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   nn.meta.unbox(boxed), state_shardings)
+    step_fn = functools.partial(
+        train_step, model=model, optimizer=optimizer, schedule=schedule, spectra_fn=spectra_fn,
+        every=every, microbatch_size=micro, loss_chunk_tokens=loss_chunk_tokens,
+        microbatch_sharding=jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"))))
     return Trainer(
         model=model, mesh=mesh, state_shardings=state_shardings, abstract_state=abstract_state,
         spectra_fn=spectra_fn,
         init_state=jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=state_shardings),
-        train_step=jax.jit(
-            functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule,
-                              spectra_fn=spectra_fn, every=every),
-            in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-            out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0),
-        eval_step=jax.jit(functools.partial(eval_step, model=model)))
+        # The state is donated (updated in place); metrics stay on the device until fetched.
+        train_step=jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                           out_shardings=(state_shardings, sharding.replicated(mesh)),
+                           donate_argnums=0),
+        eval_step=jax.jit(functools.partial(eval_step, model=model,
+                                            loss_chunk_tokens=loss_chunk_tokens)),
+        step_fn=step_fn)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrialResult:
@@ -261,13 +433,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trial
     probe_tokens = eval_batches[0]["inputs"][: config.diagnostics.probe_batch]
     probe_fn = jax.jit(functools.partial(activations.probe, cfg))
 
+    spectra_names = tuple(n.strip() for n in config.diagnostics.matrices.split(",") if n.strip())
+    spectra_specs = {m.name: m for m in diagnostics.matrices(cfg, config.diagnostics.null, spectra_names)} \
+        if config.diagnostics.every > 0 else {}
+    spectra_history: dict[str, dict[str, list]] = {}   # matrix -> steps and [L] values per step
+    images_every = config.diagnostics.get("images_every", 0) or config.diagnostics.every or 1
+
     def write_spectra(params_step, spectra):
         nonlocal last_spectra
         last_spectra = diagnostics.layer_scalars(spectra)
         writer.scalars(params_step, last_spectra)
+        heatmaps = {}
         for name, values in spectra.items():
             for layer, eigs in enumerate(values["eigenvalues"]):
                 writer.histogram(params_step, f"spectral/{name}/eigenvalues/layer_{layer:02d}", eigs)
+            history = spectra_history.setdefault(name, {"steps": [], "mp_gap": [], "outlier_energy": []})
+            history["steps"].append(params_step)
+            for metric in ("mp_gap", "outlier_energy"):
+                v = np.asarray(values[metric], np.float64)
+                history[metric].append(v.reshape(v.shape[0], -1).mean(axis=1))  # over heads, as the scalars
+                heatmaps[f"spectral/{name}/{metric}_heatmap"] = (
+                    np.stack(history[metric], axis=1), list(history["steps"]), f"{name}: {metric}", metric)
+        if not writer.enabled or params_step % images_every:
+            return
+
+        def render():   # on the writer's thread; per-head ESDs pool the layer's heads
+            images = {}
+            for name, values in spectra.items():
+                spec = spectra_specs[name]
+                for layer, eigs in enumerate(values["eigenvalues"]):
+                    fig = plots.esd_figure(eigs, spec.null, values["lambda_plus"][layer],
+                                           f"{name} layer {layer}, step {params_step}", gammas=spec.gammas)
+                    images[f"spectral/{name}/esd/layer_{layer:02d}"] = plots.figure_to_image(fig)
+            for tag, args in heatmaps.items():
+                images[tag] = plots.figure_to_image(plots.layer_step_heatmap(*args))
+            return images
+
+        writer.images_later(params_step, render)
 
     def write_activations(step):
         stats = jax.device_get(probe_fn(state.params, probe_tokens))

@@ -1,0 +1,221 @@
+"""Where a train step's time goes: variants of one config timed side by side, and a kernel
+table from a profiler trace.
+
+    python bench/profile_step.py                                   # LLaMA-130M mha on the GPU
+    python bench/profile_step.py --variants="base;train.microbatch_size=256"
+    python bench/profile_step.py --tiny --steps=2                  # CPU check
+
+Each variant is the base config (bench/throughput.py's: preset, seq, global batch,
+microbatches, diagnostics off) with `;`-separated groups of `a.b=value` overrides
+(`,` between overrides of one group). The variants compile on a thread pool, then run one at a
+time: --warmup steps, then --steps timed. The first variant is then traced with
+jax.profiler (a Perfetto trace, read back here): device kernels grouped by name, with the
+share of the step each takes and how much of the step the device is busy at all.
+"""
+import argparse
+import collections
+import concurrent.futures
+import glob
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import throughput  # noqa: E402  pylint: disable=wrong-import-position
+
+DEFAULT_VARIANTS = ";".join([
+    "base",
+    "train.microbatch_size=256",
+    "train.microbatch_size=0",
+    "train.loss_chunk_tokens=0",
+    "model.attention_impl=xla",
+    "model.attention.rope_fraction=0.0",
+])
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--kind", default="mha", choices=list(throughput.KINDS))
+    p.add_argument("--variants", default=DEFAULT_VARIANTS)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--trace_steps", type=int, default=3, help="steps traced (0 = no trace)")
+    p.add_argument("--top", type=int, default=30, help="kernel rows printed")
+    p.add_argument("--peak_flops", type=float, default=989e12)
+    args = p.parse_args(argv)
+    base = throughput.parse_args(["--tiny"] if args.tiny else [])
+    for key in ("preset", "seq", "batch", "microbatch", "rope_fraction", "kv_latent_dim",
+                "attention_impl", "loss_chunk_tokens", "remat"):
+        setattr(args, key, getattr(base, key))
+    return args
+
+
+def parse_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"True": True, "False": False}.get(text, text)
+
+
+def variant_config(args, spec: str):
+    config = throughput.jax_config(args, args.kind, 0, "")
+    if spec != "base":
+        for item in spec.split(","):
+            key, value = item.split("=", 1)
+            node = config
+            *path, leaf = key.strip().split(".")
+            for part in path:
+                node = node[part]
+            node[leaf] = parse_value(value.strip())
+    return config
+
+
+def kernel_group(name: str) -> str:
+    lower = name.lower()
+    if any(k in lower for k in ("sdpa", "flash", "cudnn")):
+        return "attention (cuDNN)"
+    if any(k in lower for k in ("nvjet", "gemm", "cutlass", "cublas", "sm90_xmma", "triton_gemm")):
+        return "matmul"
+    if "memcpy" in lower or "memset" in lower:
+        return "copies"
+    return "other (fusions)"
+
+
+def kernel_table(trace_dir: str, steps: int, top: int) -> str:
+    """Device kernels of a Perfetto trace grouped by name: ms per step and share of the step."""
+    files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        return f"no perfetto_trace.json.gz under {trace_dir}"
+    with gzip.open(files[0], "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    process = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device_pids = {pid for pid, name in process.items() if "/device:" in name and "CPU" not in name}
+    by_name = collections.defaultdict(lambda: [0.0, 0])
+    intervals = []
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in device_pids and "dur" in e:
+            by_name[e["name"]][0] += e["dur"]
+            by_name[e["name"]][1] += 1
+            intervals.append((e["ts"], e["ts"] + e["dur"]))
+    if not intervals:
+        return "no device events; processes: " + "; ".join(sorted(set(process.values())))
+    intervals.sort()
+    busy, end = 0.0, -1e30
+    for start, stop in intervals:   # union of the kernels' intervals over every stream
+        if start > end:
+            busy, end = busy + stop - start, stop
+        elif stop > end:
+            busy, end = busy + stop - end, stop
+    span = intervals[-1][1] - intervals[0][0]
+    total = sum(v[0] for v in by_name.values())
+    lines = [f"trace: {len(intervals)} device events in {span / 1e3:.1f} ms over {steps} steps; device "
+             f"busy {busy / 1e3 / steps:.1f} ms/step ({100 * busy / span:.1f}% of the span), kernel "
+             f"time {total / 1e3 / steps:.1f} ms/step",
+             "| kernel | ms/step | % of kernel time | calls/step |", "| --- | ---: | ---: | ---: |"]
+    groups = collections.defaultdict(float)
+    for name, (dur, _) in by_name.items():
+        groups[kernel_group(name)] += dur
+    lines.append("groups: " + ", ".join(f"{g} {d / 1e3 / steps:.1f} ms ({100 * d / total:.0f}%)"
+                                         for g, d in sorted(groups.items(), key=lambda kv: -kv[1])))
+    for name, (dur, count) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"| {name[:90]} | {dur / 1e3 / steps:.2f} | {100 * dur / total:.1f} | "
+                     f"{count / steps:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    from mla_rmt import sharding, train  # pylint: disable=import-outside-toplevel
+    from mla_rmt.model import flops_per_token  # pylint: disable=import-outside-toplevel
+
+    specs = [s.strip() for s in args.variants.split(";") if s.strip()]
+    built = {}
+    for spec in specs:
+        config = variant_config(args, spec)
+        cfg = train.validate_config(config)
+        mesh = sharding.make_mesh(config.mesh)
+        built[spec] = (config, cfg, mesh, train.make_trainer(config, cfg, mesh))
+
+    def compile_one(spec):
+        config, _, mesh, trainer = built[spec]
+        batch = jax.ShapeDtypeStruct((config.data.global_batch_size, config.data.seq_len), jnp.int32,
+                                     sharding=sharding.batch_sharding(mesh))
+        t0 = time.perf_counter()
+        compiled = trainer.train_step.lower(trainer.abstract_state,
+                                            {"inputs": batch, "targets": batch}).compile()
+        return compiled, time.perf_counter() - t0
+
+    print(f"{jax.devices()[0].device_kind} x {len(jax.devices())}; {throughput._versions_jax()}",
+          flush=True)
+    compiled = {}
+    workers = max(1, min(8, (os.cpu_count() or 2) // 2, len(specs)))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = {pool.submit(compile_one, spec): spec for spec in specs}
+        for future in concurrent.futures.as_completed(futures):
+            spec = futures[future]
+            try:
+                compiled[spec] = future.result()
+                print(f"compiled {spec} in {compiled[spec][1]:.1f}s", flush=True)
+            except Exception as e:  # pylint: disable=broad-except
+                print(f"compile of {spec} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+    rng = np.random.default_rng(0)
+    rows = ["| variant | step ms | tokens/s | MFU % | mem GiB (plan) |", "| --- | ---: | ---: | ---: | ---: |"]
+    for spec in specs:
+        if spec not in compiled:
+            rows.append(f"| {spec} | compile failed | | | |")
+            continue
+        config, cfg, mesh, trainer = built[spec]
+        executable = compiled[spec][0]
+        b, t = config.data.global_batch_size, config.data.seq_len
+        tokens = rng.integers(0, cfg.vocab_size, (b, t + 1), dtype=np.int32)
+        batch = sharding.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh)
+        try:
+            state = trainer.init_state(jax.random.key(0))
+            for _ in range(args.warmup):
+                state, metrics = executable(state, batch)
+            jax.block_until_ready(state)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                state, metrics = executable(state, batch)
+            jax.block_until_ready((state, metrics))
+            seconds = (time.perf_counter() - t0) / args.steps
+        except Exception as e:  # pylint: disable=broad-except
+            rows.append(f"| {spec} | failed: {type(e).__name__} | | | |")
+            print(f"{spec} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        tps = b * t / seconds
+        mfu = tps * flops_per_token(cfg, t) / (args.peak_flops * len(jax.devices()))
+        plan = throughput._memory_plan(executable)
+        rows.append(f"| {spec} | {1e3 * seconds:.1f} | {tps:,.0f} | {100 * mfu:.1f} | "
+                    f"{plan / 2**30 if plan else float('nan'):.2f} |")
+        print(rows[-1], flush=True)
+        if spec == specs[0] and args.trace_steps > 0:
+            trace_dir = tempfile.mkdtemp(prefix="trace_")
+            with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+                for _ in range(args.trace_steps):
+                    state, metrics = executable(state, batch)
+                jax.block_until_ready((state, metrics))
+            table = kernel_table(trace_dir, args.trace_steps, args.top)
+        del state
+    print("\n".join(rows))
+    if args.trace_steps > 0 and specs[0] in compiled:
+        print(f"\nKernels of '{specs[0]}':\n{table}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""The tiny RoPE-budget sweep end to end: run directories, summaries, HParams, skip, failure.
+
+Most tests read the session's finished sweep (conftest's `tiny_sweep_workdir`, 10 trials of
+20 steps with spectra and probes every 5); tests that run main again work on copies.
+"""
+import ast
+import functools
+import json
+import math
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO, TINY_SWEEP, read_scalars, run_main
+
+from mla_rmt import sweep
+
+CONFIG = "configs/rope_budget_sweep.py:tiny"
+STEPS = 20
+# Trial directory -> (attention kind, rope_fraction), as configs/rope_budget_sweep.py declares
+# them: the 3 x 3 product in order, then NoPE.
+TRIALS = {f"kind={kind},rope_fraction={text}": (kind, float(text))
+          for kind in ("mha", "mla_prerope", "mla_decoupled") for text in ("0.25", "0.5", "0.75")}
+TRIALS["kind=mha,rope_fraction=0"] = ("mha", 0.0)
+FINAL = ("final/eval_loss", "final/eval_perplexity", "final/max_mp_gap", "final/mean_outlier_energy")
+
+
+@functools.lru_cache(maxsize=None)
+def scalars(run_dir: pathlib.Path) -> dict[str, dict[int, float]]:
+    return read_scalars(run_dir)
+
+
+def hparams_data(run_dir: pathlib.Path) -> dict[str, list]:
+    """'_hparams_/<entry>' -> the decoded HParamsPluginData of each event file that has it."""
+    from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
+    from tensorboard.plugins.hparams import plugin_data_pb2  # pylint: disable=import-outside-toplevel
+    out: dict[str, list] = {}
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        acc = event_accumulator.EventAccumulator(str(path), size_guidance={"tensors": 0})
+        acc.Reload()
+        try:
+            contents = acc.PluginTagToContent("hparams")
+        except KeyError:          # a file without HParams (the training summaries)
+            continue
+        for tag, content in contents.items():
+            out.setdefault(tag, []).append(plugin_data_pb2.HParamsPluginData.FromString(content))
+    return out
+
+
+def _value(proto_value):
+    return getattr(proto_value, proto_value.WhichOneof("kind"))
+
+
+def test_one_run_directory_per_trial_named_from_the_swept_values(tiny_sweep_workdir):
+    assert sorted(p.name for p in tiny_sweep_workdir.iterdir()) == sorted(TRIALS)
+    for name, (kind, fraction) in TRIALS.items():
+        run_dir = tiny_sweep_workdir / name
+        result = json.loads((run_dir / "result.json").read_text())
+        assert result["step"] == STEPS, name
+        assert math.isfinite(result["eval/loss"]), name
+        attention = json.loads((run_dir / "config.json").read_text())["model"]["attention"]
+        assert (attention["kind"], attention["rope_fraction"]) == (kind, fraction), name
+        assert (run_dir / "checkpoints" / str(STEPS)).is_dir(), name
+
+
+def test_every_trial_logs_train_eval_perf_spectral_and_activation_tags(tiny_sweep_workdir):
+    finals = {}
+    for name, (kind, fraction) in TRIALS.items():
+        values = scalars(tiny_sweep_workdir / name)
+        assert sorted(values["train/loss"]) == list(range(1, STEPS + 1)), name
+        assert sorted(values["eval/loss"]) == [10, 20], name
+        for tag in ("train/grad_norm", "train/learning_rate", "eval/perplexity",
+                    "perf/tokens_per_sec", "perf/step_time_sec"):
+            assert tag in values, (name, tag)
+        matrices = {"qk_gram", "qk_circuit"}
+        if kind == "mla_decoupled":
+            matrices |= {"qk_gram_content", "qk_gram_rope"}
+        assert {t.split("/")[1] for t in values if t.startswith("spectral/")} == matrices, name
+        for matrix in matrices:
+            for metric in ("mp_gap", "outlier_energy", "stable_rank"):
+                for suffix in ("layer_00", "layer_03", "mean", "max"):
+                    assert sorted(values[f"spectral/{matrix}/{metric}/{suffix}"]) == [0, 5, 10, 15]
+        for metric in ("attn_sigma_ratio", "attn_entropy_bits", "rep_stable_rank"):
+            for layer in ("layer_00", "layer_03"):
+                assert sorted(values[f"activations/{metric}/{layer}"]) == [5, 10, 15, 20], name
+        diagnostic = [t for t in values if t.startswith(("spectral/", "activations/"))]
+        assert len(diagnostic) > 100, name
+        for tag, series in values.items():
+            assert all(math.isfinite(v) for v in series.values()), (name, tag)
+        finals[name] = values["train/loss"][STEPS]
+        assert finals[name] < values["train/loss"][1], name
+    assert len(set(finals.values())) == len(TRIALS)      # ten different models, not one ten times
+
+
+def test_hparams_hold_the_swept_values_and_final_metrics(tiny_sweep_workdir):
+    for name, (kind, fraction) in TRIALS.items():
+        run_dir = tiny_sweep_workdir / name
+        plugin = hparams_data(run_dir)
+        assert sorted(plugin) == ["_hparams_/experiment", "_hparams_/session_end_info",
+                                  "_hparams_/session_start_info"], name
+        assert all(len(v) == 1 for v in plugin.values()), name      # one HParams entry
+        hparams = {k: _value(v) for k, v in plugin["_hparams_/session_start_info"][0]
+                   .session_start_info.hparams.items()}
+        assert hparams == {"model.attention.kind": kind, "model.attention.rope_fraction": fraction,
+                           "model.attention.remove_gap": False}, name
+        experiment = plugin["_hparams_/experiment"][0].experiment
+        assert sorted(m.name.tag for m in experiment.metric_infos) == sorted(FINAL), name
+        assert plugin["_hparams_/session_end_info"][0].session_end_info.status == 1  # SUCCESS
+
+        values, result = scalars(run_dir), json.loads((run_dir / "result.json").read_text())
+        final = {tag: values[tag][STEPS] for tag in FINAL}
+        np.testing.assert_allclose(final["final/eval_loss"], values["eval/loss"][STEPS], rtol=1e-6)
+        np.testing.assert_allclose(final["final/eval_loss"], result["eval/loss"], rtol=1e-6)
+        np.testing.assert_allclose(final["final/eval_perplexity"],
+                                   math.exp(result["eval/loss"]), rtol=1e-5)
+        # The diagnostic summaries reduce the last spectra over the layers of qk_gram.
+        last = max(values["spectral/qk_gram/mp_gap/max"])
+        layers = [values[f"spectral/qk_gram/mp_gap/layer_{i:02d}"][last] for i in range(4)]
+        energies = [values[f"spectral/qk_gram/outlier_energy/layer_{i:02d}"][last] for i in range(4)]
+        np.testing.assert_allclose(final["final/max_mp_gap"], max(layers), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(final["final/max_mp_gap"], result["spectral/qk_gram/mp_gap/max"],
+                                   rtol=1e-6)
+        np.testing.assert_allclose(final["final/mean_outlier_energy"], np.mean(energies),
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_rerun_skips_every_finished_trial_quickly(tiny_sweep_workdir, tmp_path):
+    workdir = tmp_path / "sweep"
+    shutil.copytree(tiny_sweep_workdir, workdir)
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+    start = time.perf_counter()
+    proc = run_main(workdir, *TINY_SWEEP, config=CONFIG)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in TRIALS:
+        assert f"Trial {workdir / name} already finished: skipping." in proc.stderr, name
+        assert f"  skipped   {name}" in proc.stderr, name
+    assert "Model:" not in proc.stderr and "Resuming" not in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before   # nothing written
+    assert seconds < 60, f"skipping 10 finished trials took {seconds:.0f}s"
+
+
+def test_list_trials_prints_the_ten_trials():
+    proc = subprocess.run([sys.executable, "-m", "mla_rmt.main", f"--config={REPO / CONFIG}",
+                           "--list_trials"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("\t") for line in proc.stdout.strip().splitlines()]
+    assert [int(r[0]) for r in rows] == list(range(10))
+    assert [r[1] for r in rows] == list(TRIALS)
+    declared = sweep.load(f"{REPO / 'configs/rope_budget_sweep.py'}:tiny")
+    assert [ast.literal_eval(r[2]) for r in rows] == declared
+    for (name, (kind, fraction)), overrides in zip(TRIALS.items(), declared):
+        assert overrides == {"model.attention.kind": kind, "model.attention.rope_fraction": fraction}
+
+
+FAILING_SWEEP = '''"""Three trials of the tiny RoPE-budget sweep; the middle one reads a corpus that is not there."""
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location("rope_budget_sweep", {path!r})
+_base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_base)
+
+
+def get_config(arg="tiny"):
+    return _base.get_config(arg)
+
+
+def get_sweep(arg="tiny"):
+    trials = _base.get_sweep(arg)
+    missing = {{**trials[4], "data.source": "text_files", "data.text_glob": {glob!r}}}
+    return [trials[0], missing, trials[-1]]
+'''
+
+
+def test_a_failed_trial_does_not_stop_the_others_and_fails_the_sweep(tmp_path, data_cache):
+    del data_cache
+    config = tmp_path / "failing_sweep.py"
+    config.write_text(FAILING_SWEEP.format(path=str(REPO / "configs/rope_budget_sweep.py"),
+                                           glob=str(tmp_path / "no_such_corpus" / "*.txt")))
+    workdir = tmp_path / "sweep"
+    proc = run_main(workdir, "--config.train.num_steps=3", "--config.train.log_every=1",
+                    "--config.train.eval_every=3", "--config.train.checkpoint_every=3",
+                    "--config.diagnostics.every=0", config=str(config) + ":tiny")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    trial_dirs = [p.name for p in sorted(workdir.iterdir())]
+    finished = ["kind=mha,rope_fraction=0.25", "kind=mha,rope_fraction=0"]
+    failed = [n for n in trial_dirs if n not in finished]
+    listed = subprocess.run([sys.executable, "-m", "mla_rmt.main", f"--config={config}:tiny",
+                             "--list_trials"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    names = [line.split("\t")[1] for line in listed.stdout.strip().splitlines()]
+    assert names[0] == finished[0] and names[2] == finished[1], names
+    broken = names[1]
+    assert broken.startswith("kind=mla_prerope,rope_fraction=0.5,source=text_files,text_glob=")
+    for name in finished:       # the trial after the failed one ran too
+        assert json.loads((workdir / name / "result.json").read_text())["step"] == 3, name
+        assert f"  finished  {name}" in proc.stderr
+    assert not (workdir / broken / "result.json").exists()
+    assert failed in ([], [broken])
+    assert f"Trial {workdir / broken} failed: ConfigError: config.data.text_glob" in proc.stderr
+    assert f"  failed    {broken}" in proc.stderr
+    assert f"1 trial(s) failed: {broken}" in proc.stderr
+    assert "Traceback" not in proc.stderr
