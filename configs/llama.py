@@ -17,6 +17,7 @@ def get_config(arg: str = "tiny"):
         config.data.tokenizer_path = ""   # set to a SentencePiece model for C4 (32000 pieces)
         config.data.seq_len = 256
         config.data.global_batch_size = 512
+        config.data.worker_count = 8         # the main process alone feeds 1.7x an H100 (BENCHMARKS.md)
         config.train.microbatch_size = 256      # 2 microbatches per step (bench/throughput.py)
         config.optim.learning_rate = 1e-3
         config.optim.warmup_steps = 1000

@@ -175,3 +175,10 @@ def load_export(path) -> tuple[pd.DataFrame, pd.DataFrame]:
         return _no_scalars(), _table(rows)
     scalars = pd.concat(frames, ignore_index=True).astype({"step": np.int64, "value": np.float64})
     return scalars.sort_values(["trial", "tag", "step"], ignore_index=True), _table(rows)
+
+
+def load(source) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(scalars, trials) of a workdir, or of a `.json.gz` file of `bench/export_scalars.py`."""
+    if str(source).endswith(".json.gz"):
+        return load_export(source)
+    return load_scalars(source), trial_table(source)
