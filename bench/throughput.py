@@ -10,14 +10,14 @@ real train step (`mla_rmt.train.make_trainer`: chunked loss, gradient accumulati
 one block_until_ready at each end of the window. Modes:
 
   off                 diagnostics off (no lax.cond compiled at all)
-  every250            weight spectra of all matrices every 250 steps (configs/rope_budget_sweep.py);
-                      the timed window holds no spectra step, so it measures the cond's cost,
-                      and "amortized" adds 1/250 of the every-step cost
+  every250            weight spectra of all matrices every 250 steps (configs/rope_budget_sweep.py),
+                      timed as the trainer runs it: a window of 250 steps, one with the spectra
+                      (the lax.cond step) and 249 with the plain step (the executable of "off")
   all_every1          spectra of all matrices every step
   qk_circuit_every1   spectra of the per-head qk_circuit only, every step
 
 every250 and all_every1 share one executable (`every` is a traced argument), so each kind
-compiles 3 steps; all compile up front on a thread pool (--compile_workers), then run one at a
+compiles up to 3 steps; all compile up front on a thread pool (--compile_workers), then run one at a
 time, so compilation never overlaps a timed window.
 
 The JAX part and the PyTorch part (transformers' LlamaForCausalLM of the same sizes,
@@ -70,7 +70,8 @@ def parse_args(argv=None):
                    "steady (10; 3 with --tiny)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before each window (2; 1 with --tiny)")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"subset of {list(KINDS)}")
-    p.add_argument("--modes", default=",".join(MODES), help=f"subset of {list(MODES)}")
+    p.add_argument("--modes", default="off,all_every1,qk_circuit_every1",
+                   help=f"subset of {list(MODES)} (every250 takes 250 steps a kind: give it its own call)")
     p.add_argument("--rope_fraction", type=float, default=0.5)
     p.add_argument("--kv_latent_dim", type=int, default=0, help="MLA kv latent (0 = d_model / 2)")
     p.add_argument("--attention_impl", default="auto", choices=["auto", "xla", "cudnn"])
@@ -193,7 +194,8 @@ def jax_part(args) -> dict:
     print(f"[jax] {_versions_jax()}", flush=True)
     print(f"[jax] devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()})", flush=True)
     kinds, modes = args.kinds.split(","), args.modes.split(",")
-    needed = [e for e in EXECUTABLES if any(MODES[m][0] == e for m in modes)]
+    needed = [e for e in EXECUTABLES if any(MODES[m][0] == e for m in modes)
+              or (e == "off" and "every250" in modes)]      # its steps between spectra steps
     tokens_per_step = args.batch * args.seq
 
     # Build every trainer, then lower and compile every step on a thread pool.
@@ -299,15 +301,21 @@ def jax_part(args) -> dict:
             steps = args.steps_every1 if every == 1 else args.steps
             if state is None:
                 state = trainer.init_state(jax.random.key(0))
-            every_arr = jax.device_put(jnp.asarray(every or 1, jnp.int32), sharding.replicated(mesh))
+            one = jax.device_put(jnp.asarray(1, jnp.int32), sharding.replicated(mesh))
+            window = [executable] * steps
+            if mode == "every250":
+                # What the trainer runs (Trainer.step_for): one step with the spectra cond (its
+                # predicate true), then every - 1 plain steps, the executable of "off".
+                steps = every
+                window = [executable] + [compiled[kind, "off"][0]] * (every - 1)
             try:
-                for _ in range(args.warmup):
-                    state, metrics = executable(state, batch, every_arr)
+                for exe in dict.fromkeys(window):
+                    for _ in range(args.warmup):
+                        state, metrics = exe(state, batch, one)
                 jax.block_until_ready((state, metrics))
-                first = int(state.step)
                 t1 = time.perf_counter()
-                for _ in range(steps):
-                    state, metrics = executable(state, batch, every_arr)
+                for exe in window:
+                    state, metrics = exe(state, batch, one)
                 jax.block_until_ready((state, metrics))
                 seconds = (time.perf_counter() - t1) / steps
             except Exception as e:  # pylint: disable=broad-except
@@ -315,13 +323,11 @@ def jax_part(args) -> dict:
                 print(f"[jax] {kind}/{mode} FAILED: {row['error']}", flush=True)
                 state = None
                 continue
-            spectra_in_window = bool(every) and any(s % every == 0 for s in range(first, first + steps))
             tps = tokens_per_step / seconds
             row.update(step_ms=1e3 * seconds, tokens_per_sec=tps,
                        mfu=tps * info[kind]["flops_per_token"] / (args.peak_flops * len(devices)),
                        mem_plan=_memory_plan(executable), peak_so_far=_peak_bytes(),
-                       loss=float(metrics["train/loss"]), note=note,
-                       spectra_in_window=spectra_in_window)
+                       loss=float(metrics["train/loss"]), note=note)
             print(f"[jax] {kind:15s} {mode:18s} {row['step_ms']:9.1f} ms/step {tps:12,.0f} tok/s "
                   f"MFU {100 * row['mfu']:5.1f}% loss {row['loss']:.3f} {note}", flush=True)
             result.update(seconds=time.perf_counter() - start, peak_bytes=_peak_bytes())
@@ -481,27 +487,20 @@ def print_tables(args, jax_result, torch_result, torch_error):
               f"{args.warmup} warm-up; compile {jax_result['compile_seconds']:.0f}s "
               f"(parallel), JAX part {jax_result.get('seconds', 0):.0f}s")
         print("| kind | diagnostics | step ms | tokens/s | MFU % | mem GiB (plan) | peak so far GiB "
-              "| overhead % vs off | overhead % amortized |")
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+              "| overhead % vs off |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         by = {(r["kind"], r["mode"]): r for r in jax_result["rows"]}
         for r in jax_result["rows"]:
             if "error" in r:
-                print(f"| {r['kind']} | {r['mode']} | {r['error']} | | | | | | |")
+                print(f"| {r['kind']} | {r['mode']} | {r['error']} | | | | | |")
                 continue
             off = by.get((r["kind"], "off"), {})
-            over, amort = "-", "-"
+            over = "-"
             if "step_ms" in off and r["mode"] != "off":
                 over = f"{100 * (r['step_ms'] / off['step_ms'] - 1):+.2f}"
-                every = MODES[r["mode"]][1]
-                every1 = by.get((r["kind"], "all_every1"), {})
-                if every > 1 and "step_ms" in every1 and not r["spectra_in_window"]:
-                    ms = r["step_ms"] + (every1["step_ms"] - r["step_ms"]) / every
-                    amort = f"{100 * (ms / off['step_ms'] - 1):+.2f}"
-                elif every == 1:
-                    amort = over
             note = f" ({r['note']})" if r.get("note") else ""
             print(f"| {r['kind']}{note} | {r['mode']} | {r['step_ms']:.1f} | {r['tokens_per_sec']:,.0f} | "
-                  f"{100 * r['mfu']:.1f} | {_gib(r['mem_plan'])} | {_gib(r['peak_so_far'])} | {over} | {amort} |")
+                  f"{100 * r['mfu']:.1f} | {_gib(r['mem_plan'])} | {_gib(r['peak_so_far'])} | {over} |")
     if torch_result:
         t = torch_result["row"]
         print()

@@ -78,7 +78,8 @@ class Transformer(nn.Module):
         block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
         layers = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
                          split_rngs={"params": True}, in_axes=nn.broadcast,
-                         length=cfg.num_layers, unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})
+                         length=cfg.num_layers, unroll=cfg.scan_unroll,
+                         metadata_params={nn.PARTITION_NAME: "layers"})
         x_BxTxD, _ = layers(cfg, self.capture, name="layers")(x_BxTxD, positions_BxT)
 
         x_BxTxD = RMSNorm(cfg, name="final_norm")(x_BxTxD)

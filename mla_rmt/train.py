@@ -183,7 +183,8 @@ def microbatches(batch, microbatch_size: int):
 def train_step(state: TrainState, batch, *, model, optimizer, schedule, spectra_fn=None, every=0,
                microbatch_size: int = 0, loss_chunk_tokens: int = 0, microbatch_sharding=None):
     """One optimizer step; with spectra_fn, the weight spectra of the incoming params every
-    `every` steps under lax.cond (other steps return zeros and pay next to nothing).
+    `every` steps under lax.cond (other steps return zeros; the trainer runs the step without
+    spectra_fn between spectra steps, see Trainer.step_for).
 
     With 0 < microbatch_size < batch rows, the gradients of B / microbatch_size microbatches
     are summed in fp32 under lax.scan and averaged, then one update is applied: the same step
@@ -218,9 +219,9 @@ def train_step(state: TrainState, batch, *, model, optimizer, schedule, spectra_
                "train/learning_rate": schedule(state.step)}
     if spectra_fn is not None:
         # The spectra of the incoming params, ordered after the update by the barrier: on a GPU
-        # a conditional waits on the host for its predicate, which at the end of the step
-        # stalls nothing, while mid-step it would leave the rest of the step's launches exposed.
-        # Only the attention weights are kept past the in-place update (all the spectra read).
+        # a conditional waits on the host for its predicate, which mid-step would leave the
+        # rest of the step's launches exposed. Only the attention weights are kept past the
+        # in-place update (all the spectra read).
         attention_params, _ = jax.lax.optimization_barrier(
             (state.params["layers"]["attention"], params))
         incoming = {"layers": {"attention": attention_params}}
@@ -333,8 +334,20 @@ class Trainer:
     init_state: Any                # rng -> TrainState, placed on the mesh
     train_step: Any                # (state, batch) -> (state, metrics); donates state
     eval_step: Any                 # (params, batch) -> loss
+    plain_step: Any = None         # the same step without the spectra cond, for the steps
+                                   # between spectra steps (None when diagnostics are off)
+    every: int = 0                 # spectra cadence in steps (0 = off)
     step_fn: Any = None            # the un-jitted train step (train_step with this trial's
                                    # settings bound; `every` may be overridden), for benchmarks
+
+    def step_for(self, step: int):
+        """The jitted step to run on a state at `step`: the one with the spectra `lax.cond` on
+        spectra steps, the plain one between them. On a GPU a conditional copies its predicate
+        to the host and drains the stream once per step (+1.1-1.6% of a 130M step on an H100,
+        BENCHMARKS.md); choosing on the host, which counts steps anyway, costs nothing."""
+        if self.plain_step is None or step % self.every == 0:
+            return self.train_step
+        return self.plain_step
 
 
 def make_trainer(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh) -> Trainer:
@@ -369,14 +382,17 @@ def make_trainer(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh) -> T
         every=every, microbatch_size=micro, loss_chunk_tokens=loss_chunk_tokens,
         microbatch_sharding=jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"))))
+    # The state is donated (updated in place); metrics stay on the device until fetched.
+    jit_step = functools.partial(
+        jax.jit, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
     return Trainer(
         model=model, mesh=mesh, state_shardings=state_shardings, abstract_state=abstract_state,
         spectra_fn=spectra_fn,
         init_state=jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=state_shardings),
-        # The state is donated (updated in place); metrics stay on the device until fetched.
-        train_step=jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                           out_shardings=(state_shardings, sharding.replicated(mesh)),
-                           donate_argnums=0),
+        train_step=jit_step(step_fn),
+        plain_step=jit_step(functools.partial(step_fn, spectra_fn=None)) if spectra_fn else None,
+        every=every,
         eval_step=jax.jit(functools.partial(eval_step, model=model,
                                             loss_chunk_tokens=loss_chunk_tokens)),
         step_fn=step_fn)
@@ -514,7 +530,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trial
             loop_start = time.perf_counter()
             while step < num_steps:
                 batch = sharding.global_batch(next(train_iter), mesh)
-                state, metrics = trainer.train_step(state, batch)
+                state, metrics = trainer.step_for(step)(state, batch)
                 step += 1
                 window_steps += 1
                 spectra = metrics.pop("spectra", None)

@@ -16,20 +16,25 @@ RUN = ("--config.model.attention.kind=mla_decoupled", "--config.model.attention.
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same short run with spectra and probes every step, and with diagnostics off."""
-    on, off = tmp_path_factory.mktemp("diag_on"), tmp_path_factory.mktemp("diag_off")
-    for workdir, every in ((on, 1), (off, 0)):
+    """The same short run with spectra and probes every step, with diagnostics off, and every
+    3 steps (the trainer alternates the step with the spectra cond and the plain one)."""
+    on, off, every3 = (tmp_path_factory.mktemp(n) for n in ("diag_on", "diag_off", "diag_every3"))
+    for workdir, every in ((on, 1), (off, 0), (every3, 3)):
         proc = run_main(workdir, *RUN, f"--config.diagnostics.every={every}")
         assert proc.returncode == 0, proc.stderr[-3000:]
-    return on, off
+    return on, off, every3
 
 
 def test_diagnostics_leave_the_losses_unchanged(runs):
-    on, off = (read_scalars(w) for w in runs)
+    on, off, every3 = (read_scalars(w) for w in runs)
     assert sorted(on["train/loss"]) == list(range(1, 11))
-    assert on["train/loss"] == off["train/loss"]       # bit-identical, not merely close
-    assert on["eval/loss"] == off["eval/loss"]
+    assert on["train/loss"] == off["train/loss"] == every3["train/loss"]   # bit-identical
+    assert on["eval/loss"] == off["eval/loss"] == every3["eval/loss"]
     assert not any(tag.startswith(("spectral/", "activations/")) for tag in off)
+    # Every 3 steps: the spectra of the params after 0, 3, 6, 9 updates, equal to the every-step run's.
+    for tag in ("spectral/qk_gram/mp_gap/layer_00", "spectral/qk_gram_rope/lambda_max/max"):
+        assert sorted(every3[tag]) == [0, 3, 6, 9]
+        assert every3[tag] == {s: on[tag][s] for s in (0, 3, 6, 9)}
 
 
 def test_spectral_and_activation_tags(runs):
