@@ -14,7 +14,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 from conftest import REPO, TINY_SWEEP, read_scalars, run_main
 
 from mla_rmt import sweep
