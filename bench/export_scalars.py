@@ -3,7 +3,7 @@ gzipped JSON (event files with images and histograms are too big to move around)
 
     python bench/export_scalars.py WORKDIR OUT.json.gz
 
-Needs only tensorboard. `mla_rmt.events.load_export` reads the file back as the tables that
+`mla_rmt.events.load_export` reads the file back as the tables that
 `mla_rmt.events.load_scalars` and `trial_table` give for the workdir itself.
 """
 import gzip
@@ -11,23 +11,16 @@ import json
 import pathlib
 import sys
 
-from tensorboard.backend.event_processing import event_accumulator
+from mla_rmt import events
 
 
 def export(workdir: str) -> dict:
-    root = pathlib.Path(workdir)
+    """{trial: {"scalars": {tag: [[step, value], ...]}, "result.json": ..., "config.json": ...}}."""
     trials = {}
-    for run in sorted({p.parent for p in root.rglob("events.out.tfevents.*")}):
-        if "checkpoints" in run.parts:
-            continue
+    for name, run in events.run_dirs(workdir).items():
         scalars: dict[str, dict[int, float]] = {}
-        for path in sorted(run.glob("events.out.tfevents.*")):      # later files win a step
-            acc = event_accumulator.EventAccumulator(str(path), size_guidance={"scalars": 0})
-            acc.Reload()
-            for tag in acc.Tags()["scalars"]:
-                for event in acc.Scalars(tag):
-                    scalars.setdefault(tag, {})[event.step] = event.value
-        name = run.relative_to(root).as_posix() if run != root else root.name
+        for tag, step, value in events.read_run(run):       # later files win a step
+            scalars.setdefault(tag, {})[step] = value
         files = {f: json.loads((run / f).read_text()) for f in ("result.json", "config.json")
                  if (run / f).exists()}
         trials[name] = {"scalars": {t: sorted(v.items()) for t, v in scalars.items()}, **files}

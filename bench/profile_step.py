@@ -66,16 +66,12 @@ def parse_value(text: str):
 
 
 def variant_config(args, spec: str):
+    from mla_rmt import sweep  # pylint: disable=import-outside-toplevel
     config = throughput.jax_config(args, args.kind, 0, "")
-    if spec != "base":
-        for item in spec.split(","):
-            key, value = item.split("=", 1)
-            node = config
-            *path, leaf = key.strip().split(".")
-            for part in path:
-                node = node[part]
-            node[leaf] = parse_value(value.strip())
-    return config
+    if spec == "base":
+        return config
+    overrides = dict(item.split("=", 1) for item in spec.split(","))
+    return sweep.apply(config, {k.strip(): parse_value(v.strip()) for k, v in overrides.items()})
 
 
 def kernel_group(name: str) -> str:

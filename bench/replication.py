@@ -22,11 +22,7 @@ import export_scalars  # noqa: E402  (bench/export_scalars.py)
 def prepare(config_path: str) -> int:
     """Builds the corpus and tokenizer once, before the trials race for them; returns #trials."""
     from mla_rmt import sweep, tokenizer
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("sweep_config", config_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = sweep.load_config(config_path)
     tokenizer.get_tokenizer(config.data, config.model.vocab_size)
     return len(sweep.load(config_path))
 

@@ -51,8 +51,7 @@ def analyze(workdir: str, step: int | None = None, matrices: str | None = None) 
         state = ckpt.restore_state(step, trainer.abstract_state)
     finally:
         ckpt.close()
-    names = tuple(n.strip() for n in config.diagnostics.matrices.split(",") if n.strip())
-    specs = diagnostics.matrices(cfg, config.diagnostics.null, names)
+    specs = diagnostics.configured_matrices(cfg, config.diagnostics)
     spectra = jax.device_get(jax.jit(lambda p: diagnostics.weight_spectra(p, cfg, specs))(state.params))
     return {"step": step,
             "scalars": diagnostics.layer_scalars(spectra),

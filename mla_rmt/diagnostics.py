@@ -88,6 +88,12 @@ def matrices(cfg: ModelConfig, null: str = "product", names: tuple[str, ...] = (
     return tuple(out)
 
 
+def configured_matrices(cfg: ModelConfig, diagnostics_config) -> tuple[Matrix, ...]:
+    """matrices() as config.diagnostics names them (`matrices`: comma-separated, "" = all; `null`)."""
+    names = tuple(n.strip() for n in diagnostics_config.matrices.split(",") if n.strip())
+    return matrices(cfg, diagnostics_config.null, names)
+
+
 def weight_spectra(params, cfg: ModelConfig, specs: tuple[Matrix, ...]) -> dict[str, dict[str, jax.Array]]:
     """{matrix: {'eigenvalues': [L, (H,) p], metric: [L, (H,)]}} for the model's params."""
     layer_params = params["layers"]["attention"]

@@ -37,7 +37,7 @@ def run_dirs(workdir) -> dict[str, pathlib.Path]:
     return {_trial_name(d, workdir): d for d in sorted(found)}
 
 
-def _read_run(run_dir: pathlib.Path) -> list[tuple[str, int, float]]:
+def read_run(run_dir: pathlib.Path) -> list[tuple[str, int, float]]:
     """(tag, step, value) of every scalar in the run's event files, oldest file first."""
     from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
     rows = []
@@ -64,7 +64,7 @@ def load_scalars(workdir, prefix: str = "") -> pd.DataFrame:
     """
     frames = []
     for trial, run_dir in run_dirs(workdir).items():
-        rows = [r for r in _read_run(run_dir) if r[0].startswith(prefix)]
+        rows = [r for r in read_run(run_dir) if r[0].startswith(prefix)]
         if rows:
             frame = pd.DataFrame(rows, columns=["tag", "step", "value"])
             frame.insert(0, "trial", trial)

@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"     # storage dtype of parameters and optimizer state
     m.remat = False               # rematerialise each layer in the backward pass
     m.scan_unroll = 0             # layers per iteration of the layer scan; 0 = all of them: no
-                                  # loop, which on a GPU runs 1.5x faster (BENCHMARKS.md), while
+                                  # loop, which on a GPU runs 1.6x faster (BENCHMARKS.md), while
                                   # params keep their stacked [layers, ...] layout either way
     m.attention_impl = "auto"     # "auto" | "xla" | "cudnn": fused kernel where the kind allows
     m.attention = a = ml_collections.ConfigDict()

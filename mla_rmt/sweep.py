@@ -52,12 +52,24 @@ def apply(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.
     return config
 
 
-def load(config_spec: str) -> list[dict] | None:
-    """The trials that the config file `path[:arg]` declares, or None if it declares no sweep."""
-    path, _, arg = config_spec.partition(":")
+def _module(path: str):
     spec = importlib.util.spec_from_file_location("_mla_rmt_sweep_config", pathlib.Path(path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def load_config(config_spec: str) -> ml_collections.ConfigDict:
+    """get_config() of the config file `path[:arg]`, as --config=path[:arg] gives it."""
+    path, _, arg = config_spec.partition(":")
+    module = _module(path)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def load(config_spec: str) -> list[dict] | None:
+    """The trials that the config file `path[:arg]` declares, or None if it declares no sweep."""
+    path, _, arg = config_spec.partition(":")
+    module = _module(path)
     if not hasattr(module, "get_sweep"):
         return None
     return module.get_sweep(arg) if arg else module.get_sweep()

@@ -331,6 +331,7 @@ class Trainer:
     state_shardings: Any
     abstract_state: Any            # ShapeDtypeStructs with shardings, for restoring
     spectra_fn: Any                # params -> weight spectra (None when diagnostics are off)
+    spectra_specs: tuple           # the diagnostics.Matrix of each analysed matrix (() when off)
     init_state: Any                # rng -> TrainState, placed on the mesh
     train_step: Any                # (state, batch) -> (state, metrics); donates state
     eval_step: Any                 # (params, batch) -> loss
@@ -360,10 +361,9 @@ def make_trainer(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh) -> T
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=optimizer.init(params))
 
-    spectra_fn, every = None, config.diagnostics.every
+    spectra_fn, specs, every = None, (), config.diagnostics.every
     if every > 0:
-        names = tuple(n.strip() for n in config.diagnostics.matrices.split(",") if n.strip())
-        specs = diagnostics.matrices(cfg, config.diagnostics.null, names)
+        specs = diagnostics.configured_matrices(cfg, config.diagnostics)
         spectra_fn = functools.partial(diagnostics.weight_spectra, cfg=cfg, specs=specs)
 
     micro = int(config.train.get("microbatch_size", 0))
@@ -388,7 +388,7 @@ def make_trainer(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh) -> T
         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
     return Trainer(
         model=model, mesh=mesh, state_shardings=state_shardings, abstract_state=abstract_state,
-        spectra_fn=spectra_fn,
+        spectra_fn=spectra_fn, spectra_specs=specs,
         init_state=jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=state_shardings),
         train_step=jit_step(step_fn),
         plain_step=jit_step(functools.partial(step_fn, spectra_fn=None)) if spectra_fn else None,
@@ -449,9 +449,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trial
     probe_tokens = eval_batches[0]["inputs"][: config.diagnostics.probe_batch]
     probe_fn = jax.jit(functools.partial(activations.probe, cfg))
 
-    spectra_names = tuple(n.strip() for n in config.diagnostics.matrices.split(",") if n.strip())
-    spectra_specs = {m.name: m for m in diagnostics.matrices(cfg, config.diagnostics.null, spectra_names)} \
-        if config.diagnostics.every > 0 else {}
+    spectra_specs = {m.name: m for m in trainer.spectra_specs}
     spectra_history: dict[str, dict[str, list]] = {}   # matrix -> steps and [L] values per step
     images_every = config.diagnostics.get("images_every", 0) or config.diagnostics.every or 1
 
@@ -459,7 +457,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trial
         nonlocal last_spectra
         last_spectra = diagnostics.layer_scalars(spectra)
         writer.scalars(params_step, last_spectra)
-        heatmaps = {}
         for name, values in spectra.items():
             for layer, eigs in enumerate(values["eigenvalues"]):
                 writer.histogram(params_step, f"spectral/{name}/eigenvalues/layer_{layer:02d}", eigs)
@@ -468,10 +465,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trial
             for metric in ("mp_gap", "outlier_energy"):
                 v = np.asarray(values[metric], np.float64)
                 history[metric].append(v.reshape(v.shape[0], -1).mean(axis=1))  # over heads, as the scalars
-                heatmaps[f"spectral/{name}/{metric}_heatmap"] = (
-                    np.stack(history[metric], axis=1), list(history["steps"]), f"{name}: {metric}", metric)
         if not writer.enabled or params_step % images_every:
             return
+        heatmaps = {f"spectral/{name}/{metric}_heatmap": (
+            np.stack(history[metric], axis=1), list(history["steps"]), f"{name}: {metric}", metric)
+            for name, history in spectra_history.items() for metric in ("mp_gap", "outlier_energy")}
 
         def render():   # on the writer's thread; per-head ESDs pool the layer's heads
             images = {}

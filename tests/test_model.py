@@ -82,18 +82,24 @@ def test_weight_decay_skips_norm_scales():
     assert all(v for k, v in flat.items() if "w_q" in k or "lm_head" in k or "embed']" in k)
 
 
-def test_train_step_lowers_loss_on_a_fixed_batch():
-    config = presets.base_config()
+def _tiny_state(config, batch_rows=8, seq=16, dtype="float32"):
+    config.model.dtype = dtype
     config.optim.warmup_steps = 1
     cfg = ModelConfig.from_config(config.model)
     model, optimizer = Transformer(cfg), train.make_optimizer(config)
-    tokens = np.random.default_rng().integers(0, cfg.vocab_size, (4, 17)).astype(np.int32)
+    tokens = np.random.default_rng().integers(0, cfg.vocab_size, (batch_rows, seq + 1)).astype(np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
     params = model.init(jax.random.key(0), batch["inputs"])["params"]
     params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
                           is_leaf=lambda x: hasattr(x, "unbox"))
     state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=optimizer.init(params))
+    return model, optimizer, state, batch
+
+
+def test_train_step_lowers_loss_on_a_fixed_batch():
+    config = presets.base_config()
+    model, optimizer, state, batch = _tiny_state(config, batch_rows=4, dtype=config.model.dtype)
     step = jax.jit(lambda s, b: train.train_step(s, b, model=model, optimizer=optimizer,
                                                  schedule=train.learning_rate_schedule(config.optim, 600)))
     losses = []
@@ -163,21 +169,6 @@ def test_loss_chunks_divide_the_sequence_and_respect_the_budget():
     assert train.loss_chunks(16, 128, 8192) == 1
     assert train.loss_chunks(4, 6, 8) == 3                  # 3 chunks of 4 x 2
     assert train.loss_chunks(100, 8, 10) == 8               # never below one position per chunk
-
-
-def _tiny_state(config, batch_rows=8, seq=16, dtype="float32"):
-    config.model.dtype = dtype
-    config.optim.warmup_steps = 1
-    cfg = ModelConfig.from_config(config.model)
-    model, optimizer = Transformer(cfg), train.make_optimizer(config)
-    tokens = np.random.default_rng().integers(0, cfg.vocab_size, (batch_rows, seq + 1)).astype(np.int32)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-    params = model.init(jax.random.key(0), batch["inputs"])["params"]
-    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
-                          is_leaf=lambda x: hasattr(x, "unbox"))
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=optimizer.init(params))
-    return model, optimizer, state, batch
 
 
 @pytest.mark.parametrize("kind", ["mha", "mla_decoupled"])
