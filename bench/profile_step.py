@@ -32,6 +32,7 @@ DEFAULT_VARIANTS = ";".join([
     "train.microbatch_size=256",
     "train.microbatch_size=0",
     "train.loss_chunk_tokens=0",
+    "train.loss_one_pass=True",
     "model.attention_impl=xla",
     "model.attention.rope_fraction=0.0",
 ])

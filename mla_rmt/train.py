@@ -81,32 +81,55 @@ def _chunk_pieces(x_BxTxD, targets_BxT, num_chunks):
 
 
 def _chunk_logits(x_BxCxD, head_DxV):
-    """Logits of one chunk, rounded to the compute dtype as the plain path's are, then widened
-    to fp32 for the softmax (the widening fuses into its consumers: half the memory traffic)."""
-    return jnp.einsum("bcd,dv->bcv", x_BxCxD, head_DxV).astype(jnp.float32)
+    """Logits of one chunk in the compute dtype, as the plain path rounds them; every consumer
+    widens them to fp32 itself, so no fp32 copy of the logits is ever written."""
+    return jnp.einsum("bcd,dv->bcv", x_BxCxD, head_DxV)
 
 
-def _chunk_loss_sum(logits_BxCxV, targets_BxC):
-    lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+def logsumexp_one_pass(logits_BxV):
+    """log sum_v exp(logits) over the last axis in fp32, reading the logits once.
+
+    A reduction over (running max m, sum s of exp(x - m)) pairs: one pass over the vocabulary
+    instead of jax.nn.logsumexp's max pass then sum pass (the logits of a chunk are the largest
+    array of the step, and this is a third of the loss's memory traffic). Two pairs merge with
+    one exp: the smaller max's sum is scaled by e = exp(-|m - m'|) before the two are added.
+    """
+    x = logits_BxV.astype(jnp.float32)
+
+    def merge(a, b):
+        (m_a, s_a), (m_b, s_b) = a, b
+        gap = m_b - m_a
+        e = jnp.exp(-jnp.abs(gap))
+        return jnp.maximum(m_a, m_b), jnp.where(gap > 0, s_a * e + s_b, s_a + s_b * e)
+
+    # A finite start: gaps are never -inf - -inf (nan); an -inf logit adds exp(-inf) = 0.
+    start = (jnp.float32(jnp.finfo(jnp.float32).min), jnp.float32(0.0))
+    max_B, sum_B = jax.lax.reduce((x, jnp.ones_like(x)), start, merge, (x.ndim - 1,))
+    return max_B + jnp.log(sum_B)
+
+
+def _chunk_loss_sum(logits_BxCxV, targets_BxC, one_pass):
+    lse_BxC = (logsumexp_one_pass(logits_BxCxV) if one_pass
+               else jax.nn.logsumexp(logits_BxCxV.astype(jnp.float32), axis=-1))
     target_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-    return jnp.sum(lse_BxC - target_BxC), lse_BxC
+    return jnp.sum(lse_BxC - target_BxC.astype(jnp.float32)), lse_BxC
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _chunked_ce(x_BxTxD, head_DxV, targets_BxT, num_chunks):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked_ce(x_BxTxD, head_DxV, targets_BxT, num_chunks, one_pass):
     x_NxBxCxD, targets_NxBxC = _chunk_pieces(x_BxTxD, targets_BxT, num_chunks)
     head_c = head_DxV.astype(x_BxTxD.dtype)
 
     def body(total, chunk):
         x_BxCxD, targets_BxC = chunk
-        loss_sum, _ = _chunk_loss_sum(_chunk_logits(x_BxCxD, head_c), targets_BxC)
+        loss_sum, _ = _chunk_loss_sum(_chunk_logits(x_BxCxD, head_c), targets_BxC, one_pass)
         return total + loss_sum, None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (x_NxBxCxD, targets_NxBxC))
     return total / targets_BxT.size
 
 
-def _chunked_ce_fwd(x_BxTxD, head_DxV, targets_BxT, num_chunks):
+def _chunked_ce_fwd(x_BxTxD, head_DxV, targets_BxT, num_chunks, one_pass):
     """The loss and both gradients in one pass over the chunks: each chunk's logits are made,
     used for the loss and for d(loss)/d(logits), and dropped; the backward pass only scales."""
     b, t = targets_BxT.shape
@@ -118,8 +141,8 @@ def _chunked_ce_fwd(x_BxTxD, head_DxV, targets_BxT, num_chunks):
         total, dhead_DxV = carry
         x_BxCxD, targets_BxC = chunk
         logits_BxCxV = _chunk_logits(x_BxCxD, head_c)
-        loss_sum, lse_BxC = _chunk_loss_sum(logits_BxCxV, targets_BxC)
-        probs_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None])
+        loss_sum, lse_BxC = _chunk_loss_sum(logits_BxCxV, targets_BxC, one_pass)
+        probs_BxCxV = jnp.exp(logits_BxCxV.astype(jnp.float32) - lse_BxC[..., None])
         is_target = jax.lax.broadcasted_iota(jnp.int32, logits_BxCxV.shape, 2) == targets_BxC[..., None]
         # d(mean loss)/d(logits), rounded to the compute dtype as the plain path's cotangent is
         dlogits_BxCxV = ((jnp.where(is_target, probs_BxCxV - 1.0, probs_BxCxV)) * inv_count
@@ -136,8 +159,8 @@ def _chunked_ce_fwd(x_BxTxD, head_DxV, targets_BxT, num_chunks):
     return total * inv_count, (dx_BxTxD, dhead_DxV.astype(head_DxV.dtype))
 
 
-def _chunked_ce_bwd(num_chunks, residuals, g):
-    del num_chunks
+def _chunked_ce_bwd(num_chunks, one_pass, residuals, g):
+    del num_chunks, one_pass
     dx_BxTxD, dhead_DxV = residuals
     return (dx_BxTxD * g.astype(dx_BxTxD.dtype), dhead_DxV * g.astype(dhead_DxV.dtype), None)
 
@@ -145,26 +168,31 @@ def _chunked_ce_bwd(num_chunks, residuals, g):
 _chunked_ce.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
 
 
-def chunked_cross_entropy(x_BxTxD, head_DxV, targets_BxT, chunk_tokens: int = 8192):
+def chunked_cross_entropy(x_BxTxD, head_DxV, targets_BxT, chunk_tokens: int = 8192,
+                          one_pass: bool = False):
     """cross_entropy(x @ head, targets) without the whole batch's logits: the LM head, the
     log-sum-exp and the gradients run over sequence chunks of at most chunk_tokens tokens
-    under lax.scan, so at most one chunk's fp32 logits exist at a time.
+    under lax.scan, so at most one chunk's logits exist at a time.
 
     A custom VJP computes d/dx and d/dhead while each chunk's logits are live (the backward
     pass only scales them), so nothing is recomputed, unlike jax.checkpoint around the chunk:
     the head's matmul FLOPs are the plain path's. The head's gradient accumulates in fp32.
     Numerics are the plain path's: logits and their cotangent rounded to the compute dtype,
-    log-sum-exp and softmax in fp32.
+    log-sum-exp and softmax in fp32; with one_pass, the log-sum-exp reads the logits once
+    (logsumexp_one_pass: fewer bytes, more arithmetic; BENCHMARKS.md).
     """
     b, t = targets_BxT.shape
-    return _chunked_ce(x_BxTxD, head_DxV, targets_BxT, loss_chunks(b, t, chunk_tokens))
+    with jax.named_scope("cross_entropy"):
+        return _chunked_ce(x_BxTxD, head_DxV, targets_BxT, loss_chunks(b, t, chunk_tokens),
+                           one_pass)
 
 
-def batch_loss(params, batch, *, model, loss_chunk_tokens: int = 0):
+def batch_loss(params, batch, *, model, loss_chunk_tokens: int = 0, loss_one_pass: bool = False):
     """Mean next-token loss of a batch; chunked over the sequence when loss_chunk_tokens > 0."""
     if loss_chunk_tokens > 0:
         x_BxTxD, head_DxV = model.apply({"params": params}, batch["inputs"], return_hidden=True)
-        return chunked_cross_entropy(x_BxTxD, head_DxV, batch["targets"], loss_chunk_tokens)
+        return chunked_cross_entropy(x_BxTxD, head_DxV, batch["targets"], loss_chunk_tokens,
+                                     loss_one_pass)
     return cross_entropy(model.apply({"params": params}, batch["inputs"]), batch["targets"])
 
 
@@ -181,7 +209,8 @@ def microbatches(batch, microbatch_size: int):
 
 
 def train_step(state: TrainState, batch, *, model, optimizer, schedule, spectra_fn=None, every=0,
-               microbatch_size: int = 0, loss_chunk_tokens: int = 0, microbatch_sharding=None):
+               microbatch_size: int = 0, loss_chunk_tokens: int = 0, loss_one_pass: bool = False,
+               microbatch_sharding=None):
     """One optimizer step; with spectra_fn, the weight spectra of the incoming params every
     `every` steps under lax.cond (other steps return zeros; the trainer runs the step without
     spectra_fn between spectra steps, see Trainer.step_for).
@@ -191,7 +220,8 @@ def train_step(state: TrainState, batch, *, model, optimizer, schedule, spectra_
     as on the whole batch (to rounding), with the activations of one microbatch alive at once.
     """
     grad_fn = jax.value_and_grad(functools.partial(batch_loss, model=model,
-                                                   loss_chunk_tokens=loss_chunk_tokens))
+                                                   loss_chunk_tokens=loss_chunk_tokens,
+                                                   loss_one_pass=loss_one_pass))
     rows = batch["inputs"].shape[0]
     if 0 < microbatch_size < rows:
         if rows % microbatch_size:
@@ -231,8 +261,9 @@ def train_step(state: TrainState, batch, *, model, optimizer, schedule, spectra_
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch, *, model, loss_chunk_tokens: int = 0):
-    return batch_loss(params, batch, model=model, loss_chunk_tokens=loss_chunk_tokens)
+def eval_step(params, batch, *, model, loss_chunk_tokens: int = 0, loss_one_pass: bool = False):
+    return batch_loss(params, batch, model=model, loss_chunk_tokens=loss_chunk_tokens,
+                      loss_one_pass=loss_one_pass)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -371,7 +402,8 @@ def make_trainer(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh) -> T
     if 0 < micro < config.data.global_batch_size and micro % batch_devices:
         raise ConfigError(f"config.train.microbatch_size: {micro} rows do not split over the "
                           f"{batch_devices} devices of the mesh's data x fsdp axes")
-    loss_chunk_tokens = int(config.train.get("loss_chunk_tokens", 0))
+    loss = dict(loss_chunk_tokens=int(config.train.get("loss_chunk_tokens", 0)),
+                loss_one_pass=bool(config.train.get("loss_one_pass", False)))
 
     boxed = jax.eval_shape(init_boxed, jax.random.key(0))
     state_shardings = sharding.logical_shardings(boxed, mesh)
@@ -379,7 +411,7 @@ def make_trainer(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh) -> T
                                   nn.meta.unbox(boxed), state_shardings)
     step_fn = functools.partial(
         train_step, model=model, optimizer=optimizer, schedule=schedule, spectra_fn=spectra_fn,
-        every=every, microbatch_size=micro, loss_chunk_tokens=loss_chunk_tokens,
+        every=every, microbatch_size=micro, **loss,
         microbatch_sharding=jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"))))
     # The state is donated (updated in place); metrics stay on the device until fetched.
@@ -393,8 +425,7 @@ def make_trainer(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh) -> T
         train_step=jit_step(step_fn),
         plain_step=jit_step(functools.partial(step_fn, spectra_fn=None)) if spectra_fn else None,
         every=every,
-        eval_step=jax.jit(functools.partial(eval_step, model=model,
-                                            loss_chunk_tokens=loss_chunk_tokens)),
+        eval_step=jax.jit(functools.partial(eval_step, model=model, **loss)),
         step_fn=step_fn)
 
 

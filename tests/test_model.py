@@ -140,8 +140,8 @@ def _relative_error(a, b):
 
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-@pytest.mark.parametrize("chunk_tokens", [16, 24, 10**6])   # 4 chunks of 3 x 4, 2 of 3 x 8, 1
-def test_chunked_cross_entropy_matches_plain_loss_and_grads(dtype, tol, chunk_tokens):
+@pytest.mark.parametrize("chunk_tokens, one_pass", [(16, False), (24, True), (10**6, False)])
+def test_chunked_cross_entropy_matches_plain_loss_and_grads(dtype, tol, chunk_tokens, one_pass):
     rng = np.random.default_rng()
     b, t, d, v = 3, 16, 24, 97
     x_BxTxD = jnp.asarray(rng.normal(size=(b, t, d)), dtype)
@@ -152,7 +152,7 @@ def test_chunked_cross_entropy_matches_plain_loss_and_grads(dtype, tol, chunk_to
         return train.cross_entropy(x @ w.astype(dtype), targets_BxT)
 
     def chunked(x, w):
-        return train.chunked_cross_entropy(x, w, targets_BxT, chunk_tokens)
+        return train.chunked_cross_entropy(x, w, targets_BxT, chunk_tokens, one_pass)
 
     assert train.loss_chunks(b, t, chunk_tokens) == {16: 4, 24: 2, 10**6: 1}[chunk_tokens]
     loss, (gx, gw) = jax.value_and_grad(chunked, argnums=(0, 1))(x_BxTxD, head_DxV)
@@ -164,6 +164,22 @@ def test_chunked_cross_entropy_matches_plain_loss_and_grads(dtype, tol, chunk_to
     assert _relative_error(gw, ref_gw) < tol
 
 
+@pytest.mark.parametrize("scale", [1.0, 30.0, 3e4])
+def test_one_pass_logsumexp_matches_float64(scale):
+    rng = np.random.default_rng()
+    logits = rng.normal(size=(5, 7, 301)) * scale + rng.normal(size=(5, 7, 1)) * scale
+    logits[0, 0, :-1] = -np.inf                    # one finite entry in a row
+    logits[1, 2, 5] = -np.inf
+    x64 = logits.max(axis=-1, keepdims=True)
+    ref = (x64 + np.log(np.exp(logits - x64).sum(axis=-1, keepdims=True)))[..., 0]
+    got = jax.jit(train.logsumexp_one_pass)(jnp.asarray(logits, jnp.float32))
+    assert got.dtype == jnp.float32 and np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=2e-6, atol=2e-6 * scale)
+    bf16 = jnp.asarray(logits, jnp.bfloat16)       # widened inside the reduction
+    ref_bf16 = jax.nn.logsumexp(bf16.astype(jnp.float32), axis=-1)
+    np.testing.assert_allclose(train.logsumexp_one_pass(bf16), ref_bf16, rtol=2e-6, atol=2e-6 * scale)
+
+
 def test_loss_chunks_divide_the_sequence_and_respect_the_budget():
     assert train.loss_chunks(128, 256, 8192) == 4          # 4 chunks of 128 x 64 tokens
     assert train.loss_chunks(16, 128, 8192) == 1
@@ -171,13 +187,13 @@ def test_loss_chunks_divide_the_sequence_and_respect_the_budget():
     assert train.loss_chunks(100, 8, 10) == 8               # never below one position per chunk
 
 
-@pytest.mark.parametrize("kind", ["mha", "mla_decoupled"])
-def test_chunked_loss_through_the_model_matches_plain(kind):
+@pytest.mark.parametrize("kind, one_pass", [("mha", False), ("mla_decoupled", True)])
+def test_chunked_loss_through_the_model_matches_plain(kind, one_pass):
     config = presets.base_config()
     config.model.attention.kind, config.model.attention.rope_fraction = kind, 0.5
     model, _, state, batch = _tiny_state(config)
     grad = jax.jit(jax.value_and_grad(lambda p, chunk: train.batch_loss(
-        p, batch, model=model, loss_chunk_tokens=chunk)), static_argnums=1)
+        p, batch, model=model, loss_chunk_tokens=chunk, loss_one_pass=one_pass)), static_argnums=1)
     ref_loss, ref_grads = grad(state.params, 0)
     loss, grads = grad(state.params, 32)                   # 4 chunks of 8 rows x 4 positions
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
