@@ -203,7 +203,8 @@ def test_chunked_loss_through_the_model_matches_plain(kind, one_pass):
 
 
 # dtype: (loss rtol, grad-norm rtol, {optimizer: relative error of the parameter change})
-STEP_TOLERANCES = {"float32": (1e-6, 1e-5, {"sgd": 1e-4, "adamw": 1e-3}),
+# fp32 adamw: typically 1e-4 - 4e-4 over fresh random batches, with a tail past 1e-3.
+STEP_TOLERANCES = {"float32": (1e-6, 1e-5, {"sgd": 1e-4, "adamw": 5e-3}),
                    "bfloat16": (1e-3, 2e-3, {"sgd": 3e-2, "adamw": 0.15})}
 
 
