@@ -182,7 +182,9 @@ def _source(names) -> str:
 
 
 def kernels(text: str):
-    """One row per kernel launch group: dict(kind, source, bytes, flops, calls)."""
+    """One row per kernel launch group: dict(name, kernel, result, kind, source, bytes, flops,
+    calls). name is the HLO instruction's; kernel names the compiled kernel it launches, which
+    fusions of identical code share (XLA's deduplicated_name) and a trace names after one of them."""
     computations, entry = parse_hlo(text)
     rows = []
 
@@ -214,8 +216,10 @@ def kernels(text: str):
                         else "attention (cuDNN)" if "cudnn" in target else op)
                 if kind == "matmul":
                     flops = _gemm_flops(inst, shapes)
-            rows.append(dict(kind=kind, source=_source(op_names), bytes=nbytes * times,
-                             flops=flops * times, calls=times))
+            shared = re.search(r'deduplicated_name="([^"]+)"', inst["attrs"])
+            rows.append(dict(name=inst["name"], kernel=shared.group(1) if shared else inst["name"],
+                             result=inst["type"], kind=kind, source=_source(op_names),
+                             bytes=nbytes * times, flops=flops * times, calls=times))
 
     walk(entry, 1)
     return rows

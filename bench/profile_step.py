@@ -10,7 +10,11 @@ microbatches, diagnostics off) with `;`-separated groups of `a.b=value` override
 (`,` between overrides of one group). The variants compile on a thread pool, then run one at a
 time: --warmup steps, then --steps timed. The first variant is then traced with
 jax.profiler (a Perfetto trace, read back here): device kernels grouped by name, with the
-share of the step each takes and how much of the step the device is busy at all.
+share of the step each takes and how much of the step the device is busy at all. With
+--traffic, the trace is joined with the bytes bench/gpu_traffic.py counts for each kernel of
+the compiled step: which kernels run far below the memory bandwidth.
+
+    python bench/profile_step.py --variants=base --traffic --hlo_out=$OUT
 """
 import argparse
 import collections
@@ -19,6 +23,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -32,7 +37,7 @@ DEFAULT_VARIANTS = ";".join([
     "train.microbatch_size=256",
     "train.microbatch_size=0",
     "train.loss_chunk_tokens=0",
-    "train.loss_one_pass=True",
+    "train.loss_one_pass=False",
     "model.attention_impl=xla",
     "model.attention.rope_fraction=0.0",
 ])
@@ -49,6 +54,10 @@ def parse_args(argv=None):
     p.add_argument("--trace_steps", type=int, default=3, help="steps traced (0 = no trace)")
     p.add_argument("--top", type=int, default=30, help="kernel rows printed")
     p.add_argument("--peak_flops", type=float, default=989e12)
+    p.add_argument("--traffic", action="store_true",
+                   help="join the trace with the bytes of each kernel of the compiled step "
+                   "(bench/gpu_traffic.py): measured ms and GB/s by source")
+    p.add_argument("--hlo_out", default="", help="write each variant's optimized HLO here (.hlo.gz)")
     args = p.parse_args(argv)
     base = throughput.parse_args(["--tiny"] if args.tiny else [])
     for key in ("preset", "seq", "batch", "microbatch", "rope_fraction", "kv_latent_dim",
@@ -86,11 +95,12 @@ def kernel_group(name: str) -> str:
     return "other (fusions)"
 
 
-def kernel_table(trace_dir: str, steps: int, top: int) -> str:
-    """Device kernels of a Perfetto trace grouped by name: ms per step and share of the step."""
+def trace_kernels(trace_dir: str):
+    """({kernel name: [µs, launches]}, [(start, end) µs]) of the device events of a Perfetto
+    trace; ({}, []) if there is none."""
     files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not files:
-        return f"no perfetto_trace.json.gz under {trace_dir}"
+        return {}, []
     with gzip.open(files[0], "rt") as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -104,9 +114,13 @@ def kernel_table(trace_dir: str, steps: int, top: int) -> str:
             by_name[e["name"]][0] += e["dur"]
             by_name[e["name"]][1] += 1
             intervals.append((e["ts"], e["ts"] + e["dur"]))
+    return dict(by_name), sorted(intervals)
+
+
+def kernel_table(by_name, intervals, steps: int, top: int) -> str:
+    """Device kernels grouped by name: ms per step and share of the step."""
     if not intervals:
-        return "no device events; processes: " + "; ".join(sorted(set(process.values())))
-    intervals.sort()
+        return "no device events in the trace"
     busy, end = 0.0, -1e30
     for start, stop in intervals:   # union of the kernels' intervals over every stream
         if start > end:
@@ -127,6 +141,57 @@ def kernel_table(trace_dir: str, steps: int, top: int) -> str:
     for name, (dur, count) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
         lines.append(f"| {name[:90]} | {dur / 1e3 / steps:.2f} | {100 * dur / total:.1f} | "
                      f"{count / steps:.0f} |")
+    return "\n".join(lines)
+
+
+def _kernel_key(name: str) -> str:
+    return re.sub(r"[^0-9A-Za-z]", "_", name)   # a kernel is named after its HLO op, '.' -> '_'
+
+
+def traffic_table(hlo_text: str, by_name, steps: int, top: int, bandwidth: float = 3.0e12) -> str:
+    """The memory-bound kernels of the trace joined with the bytes bench/gpu_traffic.py counts in
+    the compiled step: measured ms and achieved TB/s by source, and the kernels furthest from
+    `bandwidth`. A kernel that several identical fusions share is split among their sources by
+    bytes."""
+    import gpu_traffic  # pylint: disable=import-outside-toplevel
+    rows = [r for r in gpu_traffic.kernels(hlo_text) if r["kind"] not in ("matmul", "attention (cuDNN)")]
+    kernel_of = {_kernel_key(r["name"]): r["kernel"] for r in rows}
+    members = collections.defaultdict(list)
+    for r in rows:
+        members[r["kernel"]].append(r)
+    by_source = collections.defaultdict(lambda: [0.0, 0.0, 0.0])   # launches, bytes, ms
+    slow, unmatched = [], 0.0
+    for name, (dur, count) in by_name.items():
+        ms = dur / 1e3 / steps
+        kernel = kernel_of.get(_kernel_key(name))
+        if kernel is None:
+            unmatched += ms if kernel_group(name) == "other (fusions)" else 0.0
+            continue
+        group = members[kernel]
+        nbytes = sum(r["bytes"] for r in group)
+        for r in group:
+            share = r["bytes"] / nbytes if nbytes else 1.0 / len(group)
+            by_source[r["source"]][0] += r["calls"]
+            by_source[r["source"]][1] += r["bytes"]
+            by_source[r["source"]][2] += ms * share
+        sources = collections.Counter(r["source"] for r in group).most_common(2)
+        slow.append((ms - 1e3 * nbytes / bandwidth, ms, name, " + ".join(s for s, _ in sources),
+                     group[0]["result"], count / steps, sum(r["calls"] for r in group)))
+    total_ms = sum(g[2] for g in by_source.values())
+    total_gb = sum(g[1] for g in by_source.values()) / 1e9
+    lines = [f"memory-bound kernels found in the HLO: {total_ms:.1f} ms/step, {total_gb:.1f} GB, "
+             f"{total_gb / max(total_ms, 1e-9):.2f} TB/s; fusion kernels not found: {unmatched:.1f} ms",
+             f"| source | launches | GB | ms | TB/s | ms at {bandwidth / 1e12:.1f} TB/s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for source, (calls, nbytes, ms) in sorted(by_source.items(), key=lambda kv: -kv[1][2])[:top]:
+        lines.append(f"| {source} | {calls:.0f} | {nbytes / 1e9:.1f} | {ms:.2f} | "
+                     f"{nbytes / 1e9 / max(ms, 1e-9):.2f} | {1e3 * nbytes / bandwidth:.2f} |")
+    lines += ["", "kernels furthest from that rate (launches per step: traced / in the HLO):",
+              "| kernel | source | result | launches | ms | above |",
+              "| --- | --- | --- | ---: | ---: | ---: |"]
+    for excess, ms, name, source, result, traced, planned in sorted(slow, key=lambda t: -t[0])[:top]:
+        lines.append(f"| {name} | {source} | {result[:60]} | {traced:.0f} / {planned:.0f} | "
+                     f"{ms:.2f} | {excess:.2f} |")
     return "\n".join(lines)
 
 
@@ -167,6 +232,10 @@ def main(argv=None):
             try:
                 compiled[spec] = future.result()
                 print(f"compiled {spec} in {compiled[spec][1]:.1f}s", flush=True)
+                if args.hlo_out:
+                    path = os.path.join(args.hlo_out, f"step_{specs.index(spec)}.hlo.gz")
+                    with gzip.open(path, "wt") as f:
+                        f.write(f"// {spec}\n" + compiled[spec][0].as_text())
             except Exception as e:  # pylint: disable=broad-except
                 print(f"compile of {spec} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
@@ -207,7 +276,14 @@ def main(argv=None):
                 for _ in range(args.trace_steps):
                     state, metrics = executable(state, batch)
                 jax.block_until_ready((state, metrics))
-            table = kernel_table(trace_dir, args.trace_steps, args.top)
+            by_name, intervals = trace_kernels(trace_dir)
+            if args.hlo_out:
+                with open(os.path.join(args.hlo_out, "trace_kernels.json"), "w") as f:
+                    json.dump(dict(steps=args.trace_steps, kernels=by_name), f)
+            table = kernel_table(by_name, intervals, args.trace_steps, args.top)
+            if args.traffic:
+                table += "\n\n" + traffic_table(executable.as_text(), by_name, args.trace_steps,
+                                                 args.top)
         del state
     print("\n".join(rows))
     if args.trace_steps > 0 and specs[0] in compiled:

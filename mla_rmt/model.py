@@ -26,6 +26,8 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    """silu(x W_gate) * (x W_up) W_down, with W_gate and W_up stored as one (d, 2, f) weight:
+    one matmul in, and the backward writes d(gate) and d(up) in one pass over one array."""
     cfg: ModelConfig
 
     @nn.compact
@@ -38,9 +40,10 @@ class SwiGLU(nn.Module):
                            shape, cfg.params_dtype)
             return jnp.asarray(w, cfg.compute_dtype)
 
-        gate_BxTxF = x_BxTxD @ weight("w_gate", (d, f), ("embed", "mlp"), d)
-        up_BxTxF = x_BxTxD @ weight("w_up", (d, f), ("embed", "mlp"), d)
-        return (nn.silu(gate_BxTxF) * up_BxTxF) @ weight("w_down", (f, d), ("mlp", "embed"), f)
+        gate_up_BxTx2xF = jnp.einsum("btd,dcf->btcf", x_BxTxD,
+                                     weight("w_gate_up", (d, 2, f), ("embed", "gate_up", "mlp"), d))
+        hidden_BxTxF = nn.silu(gate_up_BxTx2xF[..., 0, :]) * gate_up_BxTx2xF[..., 1, :]
+        return hidden_BxTxF @ weight("w_down", (f, d), ("mlp", "embed"), f)
 
 
 class Block(nn.Module):

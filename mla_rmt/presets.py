@@ -82,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.microbatch_size = 0         # rows per gradient-accumulation microbatch (0 = the whole batch)
     t.loss_chunk_tokens = 8192    # LM head + loss over sequence chunks of at most this many
                                   # tokens, never the whole batch's fp32 logits (0 = plain loss)
-    t.loss_one_pass = False       # chunked loss: log-sum-exp in one read of the logits (a third
+    t.loss_one_pass = True        # chunked loss: log-sum-exp in one read of the logits (a third
                                   # less loss traffic, more arithmetic per logit: BENCHMARKS.md)
 
     c.diagnostics = g = ml_collections.ConfigDict()

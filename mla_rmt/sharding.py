@@ -16,6 +16,7 @@ LOGICAL_RULES = (
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("mlp", "tensor"),
+    ("gate_up", None),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),

@@ -110,3 +110,52 @@ def test_report_totals(rows):
     assert totals["memory_gb"] == pytest.approx(memory / 1e9)
     assert totals["memory_ms"] == pytest.approx(1e3 * memory / 1e9)
     assert totals["gemm_ms"] == pytest.approx(1e3 * 2 * 64 * 32 * 128 / 1e12)
+
+
+def test_trace_join_measures_each_source():
+    import profile_step  # pylint: disable=import-outside-toplevel
+    # Two traced steps: kernels named as the device names them ('.' -> '_'), durations in µs.
+    by_name = {"product": [3000.0, 2], "row": [800.0, 8], "ys_1": [200.0, 8],
+               "nvjet_gemm_kernel": [5000.0, 2], "loop_add_fusion_9": [600.0, 2]}
+    table = profile_step.traffic_table(MODULE, by_name, steps=2, top=10, bandwidth=1e9)
+    lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    product_bytes = 2 * (64 * 128 * 2) + 64 * 128 * 4
+    cells = [c.strip() for c in lines["backward: mlp"].strip("|").split("|")]
+    assert cells[1:] == ["1", f"{product_bytes / 1e9:.1f}", "1.50",
+                         f"{product_bytes / 1e9 / 1.5:.2f}", f"{1e3 * product_bytes / 1e9:.2f}"]
+    loss = [c.strip() for c in lines["forward: cross_entropy"].strip("|").split("|")]
+    assert loss[1] == "8" and loss[3] == "0.50"            # (800 + 200) µs over 2 steps
+    assert "fusion kernels not found: 0.3 ms" in table      # loop_add_fusion_9, not the gemm
+
+
+def test_trace_join_splits_a_shared_kernel_among_its_fusions():
+    """Identical fusions share one kernel (deduplicated_name); the trace names it after one."""
+    import profile_step  # pylint: disable=import-outside-toplevel
+    fwd = MLP.replace("transpose(jvp(Transformer))", "jvp(Transformer)")
+    module = f"""HloModule m, is_scheduled=true
+
+%fused_a (p0: bf16[64,128], p1: bf16[64,128]) -> bf16[64,128] {{
+  %p0 = bf16[64,128]{{1,0}} parameter(0)
+  %p1 = bf16[64,128]{{1,0}} parameter(1)
+  ROOT %m0 = bf16[64,128]{{1,0}} multiply(%p0, %p1), {fwd}
+}}
+
+%fused_b (q0: bf16[64,128], q1: bf16[64,128]) -> bf16[64,128] {{
+  %q0 = bf16[64,128]{{1,0}} parameter(0)
+  %q1 = bf16[64,128]{{1,0}} parameter(1)
+  ROOT %m1 = bf16[64,128]{{1,0}} multiply(%q0, %q1), {MLP}
+}}
+
+ENTRY %main (a: bf16[64,128], b: bf16[64,128]) -> bf16[64,128] {{
+  %a = bf16[64,128]{{1,0}} parameter(0)
+  %b = bf16[64,128]{{1,0}} parameter(1)
+  %f.1 = bf16[64,128]{{1,0}} fusion(%a, %b), kind=kLoop, calls=%fused_a, metadata={{deduplicated_name="f"}}
+  ROOT %f.2 = bf16[64,128]{{1,0}} fusion(%a, %f.1), kind=kLoop, calls=%fused_b, metadata={{deduplicated_name="f"}}
+}}
+"""
+    table = profile_step.traffic_table(module, {"f_2": [4000.0, 2]}, steps=1, top=10, bandwidth=1e9)
+    rows = {line.split(" | ")[0].strip("| "): [c.strip() for c in line.strip("|").split("|")]
+            for line in table.splitlines() if line.startswith("| forward") or line.startswith("| backward")}
+    assert rows["forward: mlp"][1:4] == ["1", "0.0", "2.00"]      # half the bytes, half the 4 ms
+    assert rows["backward: mlp"][1:4] == ["1", "0.0", "2.00"]
+    assert "| f_2 | " in table and "| 2 / 2 |" in table        # launches: traced / in the HLO

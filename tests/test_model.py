@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from mla_rmt import presets, train
-from mla_rmt.model import Transformer, flops_per_token, param_count
+from mla_rmt.model import SwiGLU, Transformer, flops_per_token, param_count
 from mla_rmt.model_config import ConfigError, ModelConfig
 
 
@@ -45,6 +45,27 @@ def test_forward_shapes_dtypes_and_causality():
     logits2 = model.apply({"params": params}, changed)
     np.testing.assert_array_equal(np.asarray(logits[:, :9]), np.asarray(logits2[:, :9]))
     assert not np.allclose(np.asarray(logits[:, 9:]), np.asarray(logits2[:, 9:]))
+
+
+def test_swiglu_and_its_input_gradient_match_float64():
+    """The fused (d, 2, f) gate/up weight computes silu(x W_gate) * (x W_up) W_down."""
+    cfg = _cfg(dtype="float32")
+    rng = np.random.default_rng()
+    x = rng.standard_normal((2, 5, cfg.d_model))
+    dy = rng.standard_normal((2, 5, cfg.d_model))
+    mlp = SwiGLU(cfg)
+    params = mlp.init(jax.random.key(int(rng.integers(1 << 30))), jnp.zeros((1, 1, cfg.d_model)))
+    y, vjp = jax.vjp(lambda x: mlp.apply(params, x), jnp.asarray(x, jnp.float32))
+    (dx,) = vjp(jnp.asarray(dy, jnp.float32))
+    p = jax.tree.map(lambda w: np.asarray(w.unbox() if hasattr(w, "unbox") else w, np.float64),
+                     params["params"], is_leaf=lambda w: hasattr(w, "unbox"))
+    w_gate, w_up, w_down = p["w_gate_up"][:, 0], p["w_gate_up"][:, 1], p["w_down"]
+    g, u = x @ w_gate, x @ w_up
+    sig = 1 / (1 + np.exp(-g))
+    np.testing.assert_allclose(np.asarray(y), (g * sig * u) @ w_down, rtol=1e-4, atol=1e-4)
+    dh = dy @ w_down.T
+    dg, du = dh * u * sig * (1 + g * (1 - sig)), dh * g * sig
+    np.testing.assert_allclose(np.asarray(dx), dg @ w_gate.T + du @ w_up.T, rtol=1e-4, atol=1e-4)
 
 
 def test_bf16_compute_with_fp32_params():
