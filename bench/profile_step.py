@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--peak_flops", type=float, default=989e12)
     p.add_argument("--traffic", action="store_true",
                    help="join the trace with the bytes of each kernel of the compiled step "
-                   "(bench/gpu_traffic.py): measured ms and GB/s by source")
+                   "(bench/gpu_traffic.py): measured ms and TB/s by source")
     p.add_argument("--hlo_out", default="", help="write each variant's optimized HLO here (.hlo.gz)")
     args = p.parse_args(argv)
     base = throughput.parse_args(["--tiny"] if args.tiny else [])
