@@ -228,9 +228,6 @@ def kernels(text: str):
 # The step ------------------------------------------------------------------------------------
 
 def compile_step_hlo(args, spec: str, topology) -> str:
-    import jax  # pylint: disable=import-outside-toplevel
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
     import profile_step  # pylint: disable=import-outside-toplevel
     from mla_rmt import sharding, train  # pylint: disable=import-outside-toplevel
 
@@ -241,11 +238,7 @@ def compile_step_hlo(args, spec: str, topology) -> str:
         config.model.attention_impl = "cudnn"
     cfg = train.validate_config(config)
     mesh = sharding.make_mesh(config.mesh, devices=topology.devices)
-    trainer = train.make_trainer(config, cfg, mesh)
-    batch = jax.ShapeDtypeStruct((config.data.global_batch_size, config.data.seq_len), jnp.int32,
-                                 sharding=sharding.batch_sharding(mesh))
-    return trainer.train_step.lower(trainer.abstract_state,
-                                    {"inputs": batch, "targets": batch}).compile().as_text()
+    return profile_step.compile_step(config, mesh, train.make_trainer(config, cfg, mesh)).as_text()
 
 
 def report(rows, args) -> tuple[str, dict]:

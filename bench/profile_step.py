@@ -195,10 +195,21 @@ def traffic_table(hlo_text: str, by_name, steps: int, top: int, bandwidth: float
     return "\n".join(lines)
 
 
+def compile_step(config, mesh, trainer):
+    """The trainer's step compiled ahead of time for the config's global batch on the mesh."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+    from mla_rmt import sharding  # pylint: disable=import-outside-toplevel
+    batch = jax.ShapeDtypeStruct((config.data.global_batch_size, config.data.seq_len), jnp.int32,
+                                 sharding=sharding.batch_sharding(mesh))
+    return trainer.train_step.lower(trainer.abstract_state,
+                                    {"inputs": batch, "targets": batch}).compile()
+
+
 def main(argv=None):
     args = parse_args(argv)
     import jax  # pylint: disable=import-outside-toplevel
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
 
     from mla_rmt import sharding, train  # pylint: disable=import-outside-toplevel
@@ -214,12 +225,8 @@ def main(argv=None):
 
     def compile_one(spec):
         config, _, mesh, trainer = built[spec]
-        batch = jax.ShapeDtypeStruct((config.data.global_batch_size, config.data.seq_len), jnp.int32,
-                                     sharding=sharding.batch_sharding(mesh))
         t0 = time.perf_counter()
-        compiled = trainer.train_step.lower(trainer.abstract_state,
-                                            {"inputs": batch, "targets": batch}).compile()
-        return compiled, time.perf_counter() - t0
+        return compile_step(config, mesh, trainer), time.perf_counter() - t0
 
     print(f"{jax.devices()[0].device_kind} x {len(jax.devices())}; {throughput._versions_jax()}",
           flush=True)
