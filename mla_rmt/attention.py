@@ -18,6 +18,7 @@ dims, [0, rope_dims); the rest are unrotated ("content"). Parameter names and lo
 with logical axes embed (D), heads (H), kv_heads (G), head_dim (K), q_latent (Cq),
 kv_latent (Ckv), rope_dim (R); "Cq|D" is Cq, or D when q_latent_dim == 0 (c_Q = x). Zero-width pieces are not created (no empty parameters).
 """
+import dataclasses
 from typing import Callable
 
 import flax.linen as nn
@@ -28,6 +29,49 @@ from mla_rmt import rope
 from mla_rmt.model_config import ConfigError, ModelConfig
 
 _KINDS: dict[str, type["Attention"]] = {}
+
+FORMS = ("circuit", "sum", "gram")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectralMatrix:
+    """One matrix the spectral diagnostics analyse, built from the effective maps W_Q, W_K [D,H,K]
+    restricted to each head's qk dims [dims[0], dims[1]) (docs/spectral.md defines them):
+
+    form "circuit": C_h = W_Q^h W_K^hT per head (D x D); "sum": sum_h C_h / D = W_Q W_K^T / D,
+    one per layer; "gram": the cross-Gram W_Q^T W_K / D (m x m; gauge-dependent).
+    rank: p, its structural rank (how many eigenvalues are analysed).
+    chain: dims of the Gaussian-factor chain that builds it at init (null law MP ⊠ ... ⊠ MP),
+    or None when it is not one chain (the null law is then sampled from the kind's init).
+    key_groups: distinct key heads over these dims (the queries of a group share one key map,
+    so a sum's queries are added per group first; its inner width is key_groups * width).
+    default: analysed when config.diagnostics.matrices is empty; every default is invariant
+    under the per-head reparametrisations that leave all logits unchanged.
+    """
+    name: str
+    dims: tuple[int, int]
+    form: str
+    rank: int
+    chain: tuple[int, ...] | None
+    key_groups: int
+    default: bool
+
+    @property
+    def per_head(self) -> bool:
+        return self.form == "circuit"
+
+
+def chain_matrices(cfg: ModelConfig, dims, q_latent=(), k_latent=(), key_groups=None,
+                   suffix: str = "") -> tuple[SpectralMatrix, ...]:
+    """qk_circuit, qk_circuit_sum (default) and qk_gram (by name) over one Gaussian chain per head:
+    query x -> q_latent... -> width, key x -> k_latent... -> width, `key_groups` key heads."""
+    d, h, width = cfg.d_model, cfg.num_heads, dims[1] - dims[0]
+    g = h if key_groups is None else key_groups
+    chains = {"qk_circuit": ("circuit", (d, *q_latent, width, *k_latent[::-1], d), True),
+              "qk_circuit_sum": ("sum", (d, *q_latent, g * width, *k_latent[::-1], d), True),
+              "qk_gram": ("gram", (h * width, *q_latent[::-1], d, *k_latent, g * width), False)}
+    return tuple(SpectralMatrix(name + suffix, tuple(dims), form, min(chain), chain, g, default)
+                 for name, (form, chain, default) in chains.items())
 
 
 def register(name: str) -> Callable[[type["Attention"]], type["Attention"]]:
@@ -166,15 +210,11 @@ class Attention(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def null_chains(cls, cfg: ModelConfig) -> dict[str, tuple[int, ...] | None]:
-        """The spectral matrices of this kind -> the dims of their Gaussian-factor chain at init.
-
-        `qk_gram` is W_Q^T W_K (m x m, m = H * d_head), `qk_circuit` the per-head W_Q^h W_K^hT;
-        their null law is the free product of the chain's Wishart factors (spectral.chain_gammas).
-        None: not a pure chain, so the null law is sampled from this kind's own init instead.
-        """
-        del cfg
-        return {"qk_gram": None, "qk_circuit": None}
+    def spectral_matrices(cls, cfg: ModelConfig) -> tuple[SpectralMatrix, ...]:
+        """Every matrix the spectral diagnostics can analyse for this kind: which qk dims, per
+        head or per layer, structural rank, the factor chain of its init law (or None: sampled).
+        The defaults are the gauge-invariant ones (docs/spectral.md)."""
+        raise NotImplementedError
 
     @property
     def qk_dim(self) -> int:
@@ -231,10 +271,9 @@ class MultiHeadAttention(Attention):
         return 2 * cls.kv_heads(cfg) * cfg.d_head
 
     @classmethod
-    def null_chains(cls, cfg: ModelConfig):
-        d, k = cfg.d_model, cfg.d_head
-        # W_K's G heads are repeated to H: a deterministic isometry, left out of the chain.
-        return {"qk_gram": (cfg.num_heads * k, d, cls.kv_heads(cfg) * k), "qk_circuit": (d, k, d)}
+    def spectral_matrices(cls, cfg: ModelConfig):
+        # W_K's G heads are repeated to H: a deterministic repeat, left out of the chains.
+        return chain_matrices(cfg, (0, cfg.d_head), key_groups=cls.kv_heads(cfg))
 
     @classmethod
     def qk_maps(cls, cfg: ModelConfig, params):
@@ -351,10 +390,8 @@ class PreRopeLatentAttention(LatentAttention):
         return cfg.kv_latent_dim
 
     @classmethod
-    def null_chains(cls, cfg: ModelConfig):
-        d, k, c, q = cfg.d_model, cfg.d_head, cfg.kv_latent_dim, cls.q_chain(cfg)
-        m = cfg.num_heads * k
-        return {"qk_gram": (m, *q, d, c, m), "qk_circuit": (d, *q, k, c, d)}
+    def spectral_matrices(cls, cfg: ModelConfig):
+        return chain_matrices(cfg, (0, cfg.d_head), cls.q_chain(cfg), (cfg.kv_latent_dim,))
 
     @classmethod
     def qk_maps(cls, cfg: ModelConfig, params):
@@ -396,18 +433,25 @@ class DecoupledLatentAttention(LatentAttention):
         return f" (kv latent {cfg.kv_latent_dim}, q latent {cfg.q_latent_dim or 'none'}{shared})"
 
     @classmethod
-    def null_chains(cls, cfg: ModelConfig):
-        d, c, h, q = cfg.d_model, cfg.kv_latent_dim, cfg.num_heads, cls.q_chain(cfg)
+    def spectral_matrices(cls, cfg: ModelConfig):
+        """The rotary branch (dims [0, d_R), one shared key: a single key group) and the content
+        branch (dims [d_R, K), keys through the kv latent) are chains. With both present, the
+        whole head concatenates them: not one chain, so its null law is sampled; its rank is
+        that of [W_Q^R | W_Q^C] against [W_KR | W_DKV W_UK]. The cross-Grams of the branches
+        stay available by name (qk_gram_rope, qk_gram_content)."""
+        d, c, h, k, q = cfg.d_model, cfg.kv_latent_dim, cfg.num_heads, cfg.d_head, cls.q_chain(cfg)
         d_r, d_c = cfg.rope_dims, cfg.d_head - cfg.rope_dims
-        rope = {"qk_gram": (h * d_r, *q, d, d_r), "qk_circuit": (d, *q, d_r, d)}  # k^R repeated
-        content = {"qk_gram": (h * d_c, *q, d, c, h * d_c), "qk_circuit": (d, *q, d_c, c, d)}
-        if d_r == 0:
-            return content
-        if d_c == 0:
-            return rope
-        # Both branches: the whole head concatenates two different laws, so it is sampled.
-        return {"qk_gram": None, "qk_circuit": None,
-                "qk_gram_content": content["qk_gram"], "qk_gram_rope": rope["qk_gram"]}
+        rope = chain_matrices(cfg, (0, d_r), q, (), key_groups=1, suffix="_rope") if d_r else ()
+        content = chain_matrices(cfg, (d_r, k), q, (c,), suffix="_content") if d_c else ()
+        if not (d_r and d_c):     # one branch: the whole head is that branch's chain
+            return tuple(dataclasses.replace(m, name=m.name.rsplit("_", 1)[0]) for m in rope + content)
+        rank_q = lambda width: min(d, *q, width)                       # [W_Q^R | W_Q^C] stacked
+        rank_k = lambda heads: min(d, d_r + min(c, heads * d_c))       # [W_KR | W_DKV W_UK]
+        whole = (SpectralMatrix("qk_circuit", (0, k), "circuit", min(rank_q(k), rank_k(1)), None, h, True),
+                 SpectralMatrix("qk_circuit_sum", (0, k), "sum",
+                                min(rank_q(d_r + h * d_c), rank_k(h)), None, h, True),
+                 SpectralMatrix("qk_gram", (0, k), "gram", min(rank_q(h * k), rank_k(h)), None, h, False))
+        return whole + rope + content
 
     @classmethod
     def qk_maps(cls, cfg: ModelConfig, params):

@@ -1,10 +1,11 @@
 """Spectral diagnostics of the attention weights, per layer, from inside the train step.
 
-For every layer the kind's effective maps W_Q, W_K [D, H, K] (`Attention.qk_maps`) give the
-matrices of DESIGN 4.1: `qk_gram` G = W_Q^T W_K / D (m x m, m = H K), `qk_circuit`
-C_h = W_Q^h W_K^hT per head, and for mla_decoupled the two branches `qk_gram_content` and
-`qk_gram_rope` apart. Their ESDs come from `spectral.product_esd` (K x K Gram factors and
-eigvalsh), the metrics from `spectral.mp_metrics` against the null law of the kind's init.
+Each attention kind lists the matrices it analyses (`Attention.spectral_matrices`: dims, form,
+structural rank, factor chain); this module only reads that list. From the kind's effective maps
+W_Q, W_K [D, H, K] (`Attention.qk_maps`) it forms, per matrix, the per-head circuit
+C_h = W_Q^h W_K^hT, the summed circuit W_Q W_K^T / D or the cross-Gram W_Q^T W_K / D
+(docs/spectral.md), takes the ESD from `spectral.product_esd` (small Gram factors and eigvalsh),
+keeps the p = rank nonzero values and reads them against the null law of the kind's init.
 """
 import dataclasses
 import functools
@@ -16,82 +17,96 @@ import numpy as np
 from mla_rmt import attention, spectral
 from mla_rmt.model_config import ModelConfig
 
-NULL_SAMPLES = 8   # init draws for a null law that is not a pure product chain
+NULL_DRAWS = 64     # init draws of one layer for a null law that is not one product chain
+NULL_SEED = 1234
 
 
 @dataclasses.dataclass(frozen=True)
 class Matrix:
-    """One analysed matrix: which head dims it reads, per head or stacked, its rank and null."""
-    name: str
-    dims: tuple[int, int]          # [start, stop) of each head's qk dims
-    per_head: bool
-    rank: int                      # p: how many nonzero eigenvalues it has
+    """One analysed matrix: the kind's description of it and its null law."""
+    spec: attention.SpectralMatrix
     null: spectral.NullLaw
     gammas: tuple[float, ...] | None   # None when the null law was sampled
 
-
-def _pieces(cfg: ModelConfig) -> dict[str, tuple[tuple[int, int], bool]]:
-    d_r = cfg.rope_dims
-    pieces = {"qk_gram": ((0, cfg.d_head), False), "qk_circuit": ((0, cfg.d_head), True)}
-    if cfg.kind == "mla_decoupled" and 0 < d_r < cfg.d_head:
-        pieces["qk_gram_content"] = ((d_r, cfg.d_head), False)
-        pieces["qk_gram_rope"] = ((0, d_r), False)
-    return pieces
+    name = property(lambda self: self.spec.name)
+    per_head = property(lambda self: self.spec.per_head)
+    rank = property(lambda self: self.spec.rank)
 
 
-def _esd(wq_DxHxK, wk_DxHxK, dims, per_head: bool, rank: int):
-    """Descending nonzero eigenvalues: [H, rank] per head, else [rank] of the stacked gram."""
-    wq, wk = wq_DxHxK[..., dims[0]:dims[1]], wk_DxHxK[..., dims[0]:dims[1]]
-    d = wq.shape[0]
-    if per_head:           # C_h = W_Q^h W_K^hT: factors [D, K] per head
-        return spectral.product_esd(jnp.moveaxis(wq, 1, 0), jnp.moveaxis(wk, 1, 0))[..., :rank]
-    a_mxD, b_mxD = wq.reshape(d, -1).T, wk.reshape(d, -1).T   # G = W_Q^T W_K / D
-    return spectral.product_esd(a_mxD, b_mxD)[:rank] / d ** 2
+def esd(wq_DxHxK, wk_DxHxK, spec: attention.SpectralMatrix):
+    """Descending nonzero eigenvalues of one matrix: [H, rank] per head, else [rank]."""
+    start, stop = spec.dims
+    wq, wk = wq_DxHxK[..., start:stop], wk_DxHxK[..., start:stop]
+    d, h, width = wq.shape
+    if spec.form == "circuit":           # C_h = W_Q^h W_K^hT: factors [D, width] per head
+        return spectral.product_esd(jnp.moveaxis(wq, 1, 0), jnp.moveaxis(wk, 1, 0))[..., :spec.rank]
+    if spec.form == "sum":               # W_Q W_K^T / D: queries of a key group added first
+        g = spec.key_groups
+        q_DxM = wq.reshape(d, g, h // g, width).sum(axis=2).reshape(d, g * width)
+        k_DxM = wk.reshape(d, g, h // g, width)[:, :, 0].reshape(d, g * width)
+        return spectral.product_esd(q_DxM, k_DxM)[:spec.rank] / d ** 2
+    if spec.form == "gram":              # W_Q^T W_K / D: factors [m, D]
+        return spectral.product_esd(wq.reshape(d, -1).T, wk.reshape(d, -1).T)[:spec.rank] / d ** 2
+    raise ValueError(f"{spec.name}: unknown form {spec.form!r}; one of {attention.FORMS}")
 
 
-def _sampled_null(cfg: ModelConfig, dims, per_head: bool, rank: int) -> spectral.NullLaw:
-    """The null law of this kind's own init, from NULL_SAMPLES draws of one layer."""
+def _sampled_nulls(cfg: ModelConfig, specs) -> dict[str, spectral.NullLaw]:
+    """The null laws of this kind's own init, from NULL_DRAWS draws of one layer at the true size."""
+    if not specs:
+        return {}
     module = attention.get(cfg.kind)(cfg)
     x = jnp.zeros((1, 1, cfg.d_model), cfg.compute_dtype)
     pos = jnp.zeros((1, 1), jnp.int32)
 
+    @jax.jit
+    @jax.vmap
     def draw(key):
-        params = module.init(key, x, pos)["params"]
-        return _esd(*module.qk_maps(cfg, params), dims, per_head, rank)
+        wq, wk = module.qk_maps(cfg, module.init(key, x, pos)["params"])
+        return {s.name: esd(wq, wk, s) for s in specs}
 
-    eigs = jax.jit(jax.vmap(draw))(jax.random.split(jax.random.key(1234), NULL_SAMPLES))
-    return spectral.empirical_null_law(np.asarray(eigs).reshape(-1, rank))
+    eigs = draw(jax.random.split(jax.random.key(NULL_SEED), NULL_DRAWS))
+    return {s.name: spectral.sampled_null_law(np.asarray(eigs[s.name]).reshape(-1, s.rank))
+            for s in specs}
+
+
+def available(cfg: ModelConfig) -> tuple[attention.SpectralMatrix, ...]:
+    return attention.get(cfg.kind).spectral_matrices(cfg)
 
 
 @functools.lru_cache(maxsize=None)
 def matrices(cfg: ModelConfig, null: str = "product", names: tuple[str, ...] = ()) -> tuple[Matrix, ...]:
-    """The analysed matrices of a model (all of the kind's, or those named), nulls computed once."""
-    chains = attention.get(cfg.kind).null_chains(cfg)
-    out = []
-    for name, (dims, per_head) in _pieces(cfg).items():
-        if names and name not in names:
-            continue
-        chain = chains.get(name)
-        if chain is not None:
-            gammas = spectral.chain_gammas(chain)
-            rank = min(chain)
-            law = spectral.null_law(gammas, null)
-        else:
-            width = (dims[1] - dims[0]) * (1 if per_head else cfg.num_heads)
-            rank = min(cfg.d_model, width)
-            gammas, law = None, _sampled_null(cfg, dims, per_head, rank)
-        out.append(Matrix(name, dims, per_head, rank, law, gammas))
-    unknown = set(names) - {m.name for m in out}
+    """The analysed matrices of a model (the kind's defaults, or those named), nulls computed once."""
+    specs = available(cfg)
+    unknown = set(names) - {s.name for s in specs}
     if unknown:
         raise ValueError(f"config.diagnostics.matrices: {sorted(unknown)} are not analysed for "
-                         f"kind {cfg.kind!r}; available: {sorted(_pieces(cfg))}")
+                         f"kind {cfg.kind!r}; available: {sorted(s.name for s in specs)}")
+    chosen = [s for s in specs if (s.name in names if names else s.default)]
+    sampled = _sampled_nulls(cfg, tuple(s for s in chosen if s.chain is None))
+    out = []
+    for spec in chosen:
+        if spec.chain is None:
+            out.append(Matrix(spec, sampled[spec.name], None))
+        else:
+            gammas = spectral.chain_gammas(spec.chain)
+            out.append(Matrix(spec, spectral.null_law(gammas, null), gammas))
     return tuple(out)
 
 
 def configured_matrices(cfg: ModelConfig, diagnostics_config) -> tuple[Matrix, ...]:
-    """matrices() as config.diagnostics names them (`matrices`: comma-separated, "" = all; `null`)."""
+    """matrices() as config.diagnostics names them (`matrices`: comma-separated, "" = the kind's
+    defaults; `null`)."""
     names = tuple(n.strip() for n in diagnostics_config.matrices.split(",") if n.strip())
     return matrices(cfg, diagnostics_config.null, names)
+
+
+def spectra_of_maps(wq_DxHxK, wk_DxHxK, specs: tuple[Matrix, ...]) -> dict[str, dict[str, jax.Array]]:
+    """{matrix: {'eigenvalues': [(H,) p], metric: [(H,)]}} of one layer's effective maps."""
+    out = {}
+    for m in specs:
+        eigs = esd(wq_DxHxK, wk_DxHxK, m.spec)
+        out[m.name] = {"eigenvalues": eigs, **spectral.mp_metrics(eigs, None, m.null)}
+    return out
 
 
 def weight_spectra(params, cfg: ModelConfig, specs: tuple[Matrix, ...]) -> dict[str, dict[str, jax.Array]]:
@@ -100,7 +115,7 @@ def weight_spectra(params, cfg: ModelConfig, specs: tuple[Matrix, ...]) -> dict[
 
     def one_layer(p):
         wq, wk = attention.get(cfg.kind).qk_maps(cfg, p)
-        return {m.name: _esd(wq, wk, m.dims, m.per_head, m.rank) for m in specs}
+        return {m.name: esd(wq, wk, m.spec) for m in specs}
 
     eigs = jax.vmap(one_layer)(jax.lax.stop_gradient(layer_params))
     return {m.name: {"eigenvalues": eigs[m.name], **spectral.mp_metrics(eigs[m.name], None, m.null)}
@@ -112,15 +127,28 @@ def empty_like(tree):
     return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
 
 
+HEAD_REDUCTIONS = {"head_mean": np.mean, "head_max": np.max}
+
+
 def layer_scalars(spectra: dict[str, dict[str, np.ndarray]]) -> dict[str, float]:
-    """TensorBoard scalars: spectral/<matrix>/<metric>/layer_<LL> (mean over heads), mean, max."""
+    """TensorBoard scalars (docs/spectral.md, "Tags").
+
+    Per-layer matrix: spectral/<matrix>/<metric>/layer_<LL>, and /mean, /max over layers.
+    Per-head matrix: spectral/<matrix>/<metric>/head_mean/layer_<LL> and .../head_max/layer_<LL>
+    (the mean and the max over the layer's heads), and .../head_mean/mean (over layers and
+    heads), .../head_max/max (the largest head of any layer).
+    """
     out = {}
     for name, values in spectra.items():
         for metric in spectral.METRIC_NAMES:
             v = np.asarray(values[metric], np.float64)        # [L] or [L, H]
-            per_layer = v.reshape(v.shape[0], -1).mean(axis=1)
-            for layer, x in enumerate(per_layer):
-                out[f"spectral/{name}/{metric}/layer_{layer:02d}"] = float(x)
-            out[f"spectral/{name}/{metric}/mean"] = float(v.mean())
-            out[f"spectral/{name}/{metric}/max"] = float(v.max())
+            base = f"spectral/{name}/{metric}"
+            if v.ndim == 1:
+                out.update({f"{base}/layer_{layer:02d}": float(x) for layer, x in enumerate(v)})
+                out[f"{base}/mean"], out[f"{base}/max"] = float(v.mean()), float(v.max())
+                continue
+            for reduction, fn in HEAD_REDUCTIONS.items():
+                out.update({f"{base}/{reduction}/layer_{layer:02d}": float(x)
+                            for layer, x in enumerate(fn(v, axis=1))})
+            out[f"{base}/head_mean/mean"], out[f"{base}/head_max/max"] = float(v.mean()), float(v.max())
     return out
