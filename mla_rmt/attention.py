@@ -43,8 +43,8 @@ class SpectralMatrix:
     rank: p, its structural rank (how many eigenvalues are analysed).
     chain: dims of the Gaussian-factor chain that builds it at init (null law MP ⊠ ... ⊠ MP),
     or None when it is not one chain (the null law is then sampled from the kind's init).
-    key_groups: distinct key heads over these dims (the queries of a group share one key map,
-    so a sum's queries are added per group first; its inner width is key_groups * width).
+    key_groups: distinct key heads over these dims (the queries of a group share one key map and
+    add up to one Gaussian map in a sum: its chain's inner width is key_groups * width).
     default: analysed when config.diagnostics.matrices is empty; every default is invariant
     under the per-head reparametrisations that leave all logits unchanged.
     """

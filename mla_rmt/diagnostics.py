@@ -37,14 +37,15 @@ def esd(wq_DxHxK, wk_DxHxK, spec: attention.SpectralMatrix):
     """Descending nonzero eigenvalues of one matrix: [H, rank] per head, else [rank]."""
     start, stop = spec.dims
     wq, wk = wq_DxHxK[..., start:stop], wk_DxHxK[..., start:stop]
-    d, h, width = wq.shape
+    d = wq.shape[0]
     if spec.form == "circuit":           # C_h = W_Q^h W_K^hT: factors [D, width] per head
         return spectral.product_esd(jnp.moveaxis(wq, 1, 0), jnp.moveaxis(wk, 1, 0))[..., :spec.rank]
-    if spec.form == "sum":               # W_Q W_K^T / D: queries of a key group added first
-        g = spec.key_groups
-        q_DxM = wq.reshape(d, g, h // g, width).sum(axis=2).reshape(d, g * width)
-        k_DxM = wk.reshape(d, g, h // g, width)[:, :, 0].reshape(d, g * width)
-        return spectral.product_esd(q_DxM, k_DxM)[:spec.rank] / d ** 2
+    if spec.form == "sum":
+        # W_Q W_K^T / D formed explicitly: every term W_Q^h W_K^hT is rounded as one product, so
+        # per-head rescalings cancel in fp32 too (Gram factors of the stacked maps would carry
+        # the spread of the heads' scales into their rounding error).
+        s_DxD = jnp.einsum("dhk,ehk->de", wq, wk, precision=spectral.HIGHEST) / d
+        return spectral.esd(s_DxD)[:spec.rank]
     if spec.form == "gram":              # W_Q^T W_K / D: factors [m, D]
         return spectral.product_esd(wq.reshape(d, -1).T, wk.reshape(d, -1).T)[:spec.rank] / d ** 2
     raise ValueError(f"{spec.name}: unknown form {spec.form!r}; one of {attention.FORMS}")

@@ -18,7 +18,11 @@ EVENTS_GLOB = "events.out.tfevents.*"
 SWEPT = {"kind": "model.attention.kind", "rope_fraction": "model.attention.rope_fraction",
          "remove_gap": "model.attention.remove_gap"}
 
-_SPECTRAL = re.compile(r"^spectral/(?P<matrix>[^/]+)/(?P<metric>[^/]+)/layer_(?P<layer>\d+)$")
+# spectral/<matrix>/<metric>/layer_LL (a per-layer matrix) or, for a per-head matrix,
+# spectral/<matrix>/<metric>/{head_mean,head_max}/layer_LL (docs/spectral.md, "Tags").
+HEAD_REDUCTIONS = ("head_mean", "head_max")
+_SPECTRAL = re.compile(r"^spectral/(?P<matrix>[^/]+)/(?P<metric>[^/]+)/"
+                       r"(?:(?P<heads>head_mean|head_max)/)?layer_(?P<layer>\d+)$")
 _ACTIVATIONS = re.compile(r"^activations/(?P<metric>[^/]+)/layer_(?P<layer>\d+)$")
 
 
@@ -78,30 +82,43 @@ def load_scalars(workdir, prefix: str = "") -> pd.DataFrame:
 
 def parse_layer_tags(scalars: pd.DataFrame) -> pd.DataFrame:
     """The per-layer rows of load_scalars with the tag split into columns: family ('spectral' or
-    'activations'), matrix (None for activations), metric and layer (int). Other tags
-    (train/..., eval/..., spectral/.../mean) are dropped."""
+    'activations'), matrix (None for activations), metric, heads ('head_mean' / 'head_max' for
+    a per-head matrix, else None) and layer (int). Other tags (train/..., eval/...,
+    spectral/.../mean) are dropped."""
     tags = pd.Series(scalars["tag"].unique(), dtype=object)
     parsed = {}
     for tag in tags:
         if m := _SPECTRAL.match(tag):
-            parsed[tag] = ("spectral", m["matrix"], m["metric"], int(m["layer"]))
+            parsed[tag] = ("spectral", m["matrix"], m["metric"], m["heads"], int(m["layer"]))
         elif m := _ACTIVATIONS.match(tag):
-            parsed[tag] = ("activations", None, m["metric"], int(m["layer"]))
+            parsed[tag] = ("activations", None, m["metric"], None, int(m["layer"]))
     keep = scalars[scalars["tag"].isin(list(parsed))].reset_index(drop=True)
     parts = pd.DataFrame([parsed[t] for t in keep["tag"]],
-                         columns=["family", "matrix", "metric", "layer"], index=keep.index)
+                         columns=["family", "matrix", "metric", "heads", "layer"], index=keep.index)
     if keep.empty:
         parts = parts.astype({"layer": np.int64})
     return pd.concat([keep, parts], axis=1)
 
 
-def layer_values(scalars: pd.DataFrame, metric: str, matrix: str | None = None) -> dict[str, pd.DataFrame]:
-    """{trial: DataFrame [layer x step]} of one per-layer metric (matrix=None: activations)."""
+def layer_values(scalars: pd.DataFrame, metric: str, matrix: str | None = None,
+                 heads: str | None = None) -> dict[str, pd.DataFrame]:
+    """{trial: DataFrame [layer x step]} of one per-layer metric (matrix=None: activations).
+
+    A per-head matrix (e.g. qk_circuit) logs two values per layer: pass heads='head_mean' or
+    'head_max'. A per-layer matrix (and exports written before head reductions had their own
+    tags, whose qk_circuit layer values are head means) has heads=None.
+    """
+    if heads is not None and heads not in HEAD_REDUCTIONS:
+        raise ValueError(f"heads={heads!r}: one of {HEAD_REDUCTIONS} or None")
     rows = parse_layer_tags(scalars)
     family = "activations" if matrix is None else "spectral"
     rows = rows[(rows["family"] == family) & (rows["metric"] == metric)]
     if matrix is not None:
         rows = rows[rows["matrix"] == matrix]
+        found = set(rows["heads"].dropna())
+        if found and heads is None:
+            raise ValueError(f"spectral/{matrix}/{metric} is per head: pass heads= one of {sorted(found)}")
+    rows = rows[rows["heads"].isna()] if heads is None else rows[rows["heads"] == heads]
     return {trial: group.pivot_table(index="layer", columns="step", values="value", aggfunc="last")
             for trial, group in rows.groupby("trial", sort=True)}
 

@@ -15,8 +15,9 @@ ALWAYS = ("model.attention.kind", "model.attention.rope_fraction", "model.attent
 FINAL_METRICS = {
     "final/eval_loss": "eval/loss",
     "final/eval_perplexity": "eval/perplexity",
-    "final/max_mp_gap": "spectral/qk_gram/mp_gap/max",
-    "final/mean_outlier_energy": "spectral/qk_gram/outlier_energy/mean",
+    "final/max_mp_gap": "spectral/qk_circuit_sum/mp_gap/max",
+    "final/mean_outlier_energy": "spectral/qk_circuit_sum/outlier_energy/mean",
+    "final/max_head_mp_gap": "spectral/qk_circuit/mp_gap/head_max/max",
 }
 
 

@@ -156,10 +156,11 @@ def _in_sweep_order(per_trial: dict) -> dict:
     return {t: per_trial[t] for t in sorted(per_trial, key=key)}
 
 
-def mp_gap_heatmaps(scalars: pd.DataFrame, matrix: str = "qk_gram", metric: str = "mp_gap",
-                    ncols: int = 4) -> Figure:
-    """Layer x step heatmap of a per-layer spectral metric, one panel per trial, one colour scale."""
-    per_trial = _in_sweep_order(events.layer_values(scalars, metric, matrix))
+def mp_gap_heatmaps(scalars: pd.DataFrame, matrix: str = "qk_circuit_sum", metric: str = "mp_gap",
+                    ncols: int = 4, heads: str | None = None) -> Figure:
+    """Layer x step heatmap of a per-layer spectral metric, one panel per trial, one colour scale
+    (a per-head matrix: heads='head_mean' or 'head_max', see events.layer_values)."""
+    per_trial = _in_sweep_order(events.layer_values(scalars, metric, matrix, heads))
     if not per_trial:
         raise ValueError(f"no spectral/{matrix}/{metric}/layer_* scalars")
     vmax = max(float(np.nanmax(t.to_numpy())) for t in per_trial.values())
@@ -174,11 +175,12 @@ def mp_gap_heatmaps(scalars: pd.DataFrame, matrix: str = "qk_gram", metric: str 
     return fig
 
 
-def outlier_energy_violins(scalars: pd.DataFrame, trials: pd.DataFrame, matrix: str = "qk_gram",
-                           metric: str = "outlier_energy", min_step: int = 0) -> Figure:
+def outlier_energy_violins(scalars: pd.DataFrame, trials: pd.DataFrame, matrix: str = "qk_circuit_sum",
+                           metric: str = "outlier_energy", min_step: int = 0,
+                           heads: str | None = None) -> Figure:
     """Distribution over layers and steps (>= min_step) of a per-layer metric, one violin per
     RoPE budget (rope_fraction; remove_gap trials apart), one panel per attention kind."""
-    per_trial = events.layer_values(scalars, metric, matrix)
+    per_trial = events.layer_values(scalars, metric, matrix, heads)
     meta = trials[trials["trial"].isin(list(per_trial))]
     if meta.empty:
         raise ValueError(f"no trial of the table has spectral/{matrix}/{metric}/layer_* scalars")
@@ -207,11 +209,11 @@ def outlier_energy_violins(scalars: pd.DataFrame, trials: pd.DataFrame, matrix: 
     return fig
 
 
-def stable_rank_curves(scalars: pd.DataFrame, matrix: str = "qk_gram", metric: str = "stable_rank",
-                       ncols: int = 4) -> Figure:
+def stable_rank_curves(scalars: pd.DataFrame, matrix: str = "qk_circuit_sum", metric: str = "stable_rank",
+                       ncols: int = 4, heads: str | None = None) -> Figure:
     """A per-layer spectral metric (stable_rank, stable_rank_frac, ...) against step, one line
     per layer (dark = shallow), one panel per trial, shared y."""
-    per_trial = _in_sweep_order(events.layer_values(scalars, metric, matrix))
+    per_trial = _in_sweep_order(events.layer_values(scalars, metric, matrix, heads))
     if not per_trial:
         raise ValueError(f"no spectral/{matrix}/{metric}/layer_* scalars")
     fig, axes = _grid(len(per_trial), ncols, sharey=True)

@@ -495,7 +495,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trial
             history["steps"].append(params_step)
             for metric in ("mp_gap", "outlier_energy"):
                 v = np.asarray(values[metric], np.float64)
-                history[metric].append(v.reshape(v.shape[0], -1).mean(axis=1))  # over heads, as the scalars
+                history[metric].append(v.reshape(v.shape[0], -1).mean(axis=1))  # head_mean of per-head ones
         if not writer.enabled or params_step % images_every:
             return
         heatmaps = {f"spectral/{name}/{metric}_heatmap": (

@@ -32,24 +32,35 @@ def test_diagnostics_leave_the_losses_unchanged(runs):
     assert on["eval/loss"] == off["eval/loss"] == every3["eval/loss"]
     assert not any(tag.startswith(("spectral/", "activations/")) for tag in off)
     # Every 3 steps: the spectra of the params after 0, 3, 6, 9 updates, equal to the every-step run's.
-    for tag in ("spectral/qk_gram/mp_gap/layer_00", "spectral/qk_gram_rope/lambda_max/max"):
+    for tag in ("spectral/qk_circuit_sum/mp_gap/layer_00", "spectral/qk_circuit_sum_rope/lambda_max/max",
+                "spectral/qk_circuit/mp_gap/head_max/layer_01"):
         assert sorted(every3[tag]) == [0, 3, 6, 9]
         assert every3[tag] == {s: on[tag][s] for s in (0, 3, 6, 9)}
 
 
 def test_spectral_and_activation_tags(runs):
     scalars = read_scalars(runs[0])
-    for matrix in ("qk_gram", "qk_circuit", "qk_gram_content", "qk_gram_rope"):
+    per_layer = ("layer_00", "layer_03", "mean", "max")
+    per_head = ("head_mean/layer_00", "head_max/layer_03", "head_mean/mean", "head_max/max")
+    matrices = {"qk_circuit_sum": per_layer, "qk_circuit_sum_content": per_layer,
+                "qk_circuit_sum_rope": per_layer, "qk_circuit": per_head,
+                "qk_circuit_content": per_head, "qk_circuit_rope": per_head}
+    assert {t.split("/")[1] for t in scalars if t.startswith("spectral/")} == set(matrices)
+    for matrix, suffixes in matrices.items():
         for metric in ("mp_gap", "outlier_count", "outlier_energy", "stable_rank", "lambda_plus"):
-            for suffix in ("layer_00", "layer_03", "mean", "max"):
+            for suffix in suffixes:
                 values = scalars[f"spectral/{matrix}/{metric}/{suffix}"]
                 assert sorted(values) == list(range(10))        # params after 0..9 updates
                 assert all(math.isfinite(v) for v in values.values())
+        if suffixes is per_head:     # the head max is a max, the head mean a mean
+            assert all(scalars[f"spectral/{matrix}/mp_gap/head_max/layer_{l:02d}"][s]
+                       >= scalars[f"spectral/{matrix}/mp_gap/head_mean/layer_{l:02d}"][s]
+                       for l in range(4) for s in range(10))
     for metric in ("attn_sigma1", "attn_sigma2", "attn_sigma_ratio", "attn_entropy_bits",
                    "rep_stable_rank"):
         assert all(math.isfinite(v) for v in scalars[f"activations/{metric}/layer_00"].values())
     # The spectra move as the weights train: the values are not a constant written each step.
-    lam = scalars["spectral/qk_circuit/lambda_max/max"]
+    lam = scalars["spectral/qk_circuit/lambda_max/head_max/max"]
     assert lam[9] != lam[0]
 
 
@@ -60,7 +71,7 @@ def test_analyze_equals_the_in_step_values(runs):
                            "--step=5", f"--output={out}"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "qk_gram_rope" in proc.stdout and "mp_gap" in proc.stdout
+    assert "qk_circuit_sum_rope" in proc.stdout and "mp_gap" in proc.stdout
     offline = json.loads(out.read_text())
     assert offline["step"] == 5
     logged = read_scalars(workdir)

@@ -235,14 +235,14 @@ def test_mp_gap_heatmaps_one_panel_per_trial(synthetic):
 
 def test_outlier_energy_violins_group_by_kind_and_rope_budget(synthetic):
     scalars, trials, values = synthetic
-    fig = plots.outlier_energy_violins(scalars, trials)
+    fig = plots.outlier_energy_violins(scalars, trials, matrix="qk_gram")
     assert [ax.get_title() for ax in fig.axes] == ["mha", "mla_decoupled"]
     mha = fig.axes[0]
     assert [t.get_text() for t in mha.get_xticklabels()] == ["0.25", "0.5", "1\nremove_gap"]
     medians = [np.median(values[t, "qk_gram", "outlier_energy"]) for t in
                ("kind=mha,rope_fraction=0.25", "kind=mha,rope_fraction=0.5", "kind=mha,remove_gap=True")]
     assert any(np.allclose(levels, medians) for levels in horizontal_levels(mha))
-    late = plots.outlier_energy_violins(scalars, trials, min_step=50)    # later steps only
+    late = plots.outlier_energy_violins(scalars, trials, matrix="qk_gram", min_step=50)    # later steps only
     want = np.median(values["kind=mla_decoupled,rope_fraction=0.25", "qk_gram", "outlier_energy"][:, 2:])
     assert [want] in [pytest.approx(levels) for levels in horizontal_levels(late.axes[1])]
     assert [np.median(values["kind=mla_decoupled,rope_fraction=0.25", "qk_gram", "outlier_energy"])] \
@@ -252,7 +252,7 @@ def test_outlier_energy_violins_group_by_kind_and_rope_budget(synthetic):
 @pytest.mark.parametrize("metric", ["stable_rank", "stable_rank_frac"])
 def test_stable_rank_curves_one_line_per_layer(synthetic, metric):
     scalars, _, values = synthetic
-    fig = plots.stable_rank_curves(scalars, metric=metric)
+    fig = plots.stable_rank_curves(scalars, matrix="qk_gram", metric=metric)
     assert len(fig.axes) == len(TRIALS)
     ax = fig.axes[0]
     assert ax.get_title() == "kind=mha, rope_fraction=0.25" and ax.get_ylabel() == metric
@@ -306,14 +306,15 @@ def test_training_writes_esd_and_heatmap_images(tiny_sweep_workdir):
     trials = ("kind=mha,rope_fraction=0.5", "kind=mla_decoupled,rope_fraction=0.25")
     for trial in trials:
         run_dir = tiny_sweep_workdir / trial
-        spectral_steps = sorted(events.load_scalars(run_dir, prefix="spectral/qk_gram/mp_gap/layer_00")["step"])
+        spectral_steps = sorted(events.load_scalars(run_dir, prefix="spectral/qk_circuit_sum/mp_gap/layer_00")["step"])
         assert spectral_steps == [0, 5, 10, 15]
         images = {}
         for path in sorted(run_dir.glob(events.EVENTS_GLOB)):
             acc = event_accumulator.EventAccumulator(str(path), size_guidance={"images": 0})
             acc.Reload()
             images.update({tag: acc.Images(tag) for tag in acc.Tags()["images"]})
-        matrices = ["qk_circuit", "qk_gram"] + (["qk_gram_content", "qk_gram_rope"] if "decoupled" in trial else [])
+        branches = ["qk_circuit_content", "qk_circuit_rope", "qk_circuit_sum_content", "qk_circuit_sum_rope"]
+        matrices = ["qk_circuit", "qk_circuit_sum"] + (branches if "decoupled" in trial else [])
         want = {f"spectral/{m}/esd/layer_{l:02d}" for m in matrices for l in range(4)} | \
             {f"spectral/{m}/{metric}_heatmap" for m in matrices for metric in ("mp_gap", "outlier_energy")}
         assert set(images) == want
@@ -323,7 +324,7 @@ def test_training_writes_esd_and_heatmap_images(tiny_sweep_workdir):
             assert pixels.shape[:2] == (written[-1].height, written[-1].width) and pixels.std() > 10, tag
         # The heatmap grows: one more column of colour per spectra step.
         first, last = (np.asarray(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB"))
-                       for e in (images["spectral/qk_gram/mp_gap_heatmap"][i] for i in (0, -1)))
+                       for e in (images["spectral/qk_circuit_sum/mp_gap_heatmap"][i] for i in (0, -1)))
         assert not np.array_equal(first, last)
 
 

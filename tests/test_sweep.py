@@ -25,7 +25,8 @@ STEPS = 20
 TRIALS = {f"kind={kind},rope_fraction={text}": (kind, float(text))
           for kind in ("mha", "mla_prerope", "mla_decoupled") for text in ("0.25", "0.5", "0.75")}
 TRIALS["kind=mha,rope_fraction=0"] = ("mha", 0.0)
-FINAL = ("final/eval_loss", "final/eval_perplexity", "final/max_mp_gap", "final/mean_outlier_energy")
+FINAL = ("final/eval_loss", "final/eval_perplexity", "final/max_mp_gap", "final/mean_outlier_energy",
+         "final/max_head_mp_gap")
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,13 +76,17 @@ def test_every_trial_logs_train_eval_perf_spectral_and_activation_tags(tiny_swee
         for tag in ("train/grad_norm", "train/learning_rate", "eval/perplexity",
                     "perf/tokens_per_sec", "perf/step_time_sec"):
             assert tag in values, (name, tag)
-        matrices = {"qk_gram", "qk_circuit"}
-        if kind == "mla_decoupled":
-            matrices |= {"qk_gram_content", "qk_gram_rope"}
+        matrices = {"qk_circuit_sum", "qk_circuit"}
+        if kind == "mla_decoupled" and 0 < fraction < 1:
+            matrices |= {"qk_circuit_content", "qk_circuit_rope", "qk_circuit_sum_content",
+                         "qk_circuit_sum_rope"}
         assert {t.split("/")[1] for t in values if t.startswith("spectral/")} == matrices, name
         for matrix in matrices:
+            suffixes = (("head_mean/layer_00", "head_max/layer_03", "head_mean/mean", "head_max/max")
+                        if matrix.startswith("qk_circuit") and "sum" not in matrix
+                        else ("layer_00", "layer_03", "mean", "max"))
             for metric in ("mp_gap", "outlier_energy", "stable_rank"):
-                for suffix in ("layer_00", "layer_03", "mean", "max"):
+                for suffix in suffixes:
                     assert sorted(values[f"spectral/{matrix}/{metric}/{suffix}"]) == [0, 5, 10, 15]
         for metric in ("attn_sigma_ratio", "attn_entropy_bits", "rep_stable_rank"):
             for layer in ("layer_00", "layer_03"):
@@ -116,15 +121,17 @@ def test_hparams_hold_the_swept_values_and_final_metrics(tiny_sweep_workdir):
         np.testing.assert_allclose(final["final/eval_loss"], result["eval/loss"], rtol=1e-6)
         np.testing.assert_allclose(final["final/eval_perplexity"],
                                    math.exp(result["eval/loss"]), rtol=1e-5)
-        # The diagnostic summaries reduce the last spectra over the layers of qk_gram.
-        last = max(values["spectral/qk_gram/mp_gap/max"])
-        layers = [values[f"spectral/qk_gram/mp_gap/layer_{i:02d}"][last] for i in range(4)]
-        energies = [values[f"spectral/qk_gram/outlier_energy/layer_{i:02d}"][last] for i in range(4)]
+        # The diagnostic summaries reduce the last spectra over the layers of qk_circuit_sum.
+        last = max(values["spectral/qk_circuit_sum/mp_gap/max"])
+        layers = [values[f"spectral/qk_circuit_sum/mp_gap/layer_{i:02d}"][last] for i in range(4)]
+        energies = [values[f"spectral/qk_circuit_sum/outlier_energy/layer_{i:02d}"][last] for i in range(4)]
         np.testing.assert_allclose(final["final/max_mp_gap"], max(layers), rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(final["final/max_mp_gap"], result["spectral/qk_gram/mp_gap/max"],
+        np.testing.assert_allclose(final["final/max_mp_gap"], result["spectral/qk_circuit_sum/mp_gap/max"],
                                    rtol=1e-6)
         np.testing.assert_allclose(final["final/mean_outlier_energy"], np.mean(energies),
                                    rtol=1e-5, atol=1e-7)
+        heads = [values[f"spectral/qk_circuit/mp_gap/head_max/layer_{i:02d}"][last] for i in range(4)]
+        np.testing.assert_allclose(final["final/max_head_mp_gap"], max(heads), rtol=1e-5, atol=1e-7)
 
 
 def test_rerun_skips_every_finished_trial_quickly(tiny_sweep_workdir, tmp_path):
