@@ -107,20 +107,22 @@ def _position_gain(t: int, dtype=jnp.float32):
 
 
 def centre(probs_BxHxTxT, mode: str = "uniform"):
-    """remove_gap's token mixer from the causal softmax A (rows of both depend on keys j <= i only).
+    """remove_gap's token mixer from the causal softmax A (row i uses keys j <= i only).
 
     "Mind the Gap" centres bidirectional attention as A - 11^T/T; in a decoder that would mix
-    future tokens into every row. "uniform" subtracts the causal uniform matrix instead, A - U:
-    rows sum to zero, causality is kept. It does not carry the paper's effect: causal A at
-    init has no single Perron outlier (U itself has several O(1) singular values), and
-    row i of A - U is the deviation of a softmax over i keys, of squared norm ~ 1/i, so the
-    first tokens hold most of the energy and sr((A - U) X W_V) grows slowly with T (like the
-    log of T or slower), not like T. "scaled" multiplies row i by i/T:
-    diag(i/T)(A - U) = (diag(i) A - L)/T, L the causal ones, whose entries i A_ij - 1 are
-    close to iid with mean 0 at init (the unnormalised softmax weights, centred), the causal
-    analogue of (T A - 11^T)/T. Its stable rank grows linearly in T like the paper's.
-    Row T has the scale of the bidirectional centring; the gain i/T uses the length T of the
-    sequence (no later token's value enters row i). Measurements: docs/spectral.md.
+    future tokens into every row. "uniform" subtracts the causal uniform matrix instead, A - U
+    (U_ij = 1/i for j <= i): rows sum to zero, causality is kept. It does not carry the paper's
+    effect. Causal A at init has no single Perron outlier: its top singular values are those
+    of U (the Cesaro operator, norm -> 2), e.g. 1.76, 1.32, 0.99 at T = 800. Row i of A - U is
+    the deviation of a softmax over i keys, of squared norm ~ 1/i, so ||A - U||_F^2 grows like
+    ln T and the first rows hold the energy: in the paper's model sr((A - U) X W_V) stays at
+    1.7-3.0 for T = 25-800, where A - 11^T/T gives 0.065 T. "scaled" multiplies row i by i/T:
+    diag(i/T)(A - U) = (diag(i) A - L)/T, L the causal ones, whose entries i A_ij - 1 are close
+    to iid with mean 0 at init (the unnormalised weights, centred): the causal analogue of
+    (T A - 11^T)/T, with sr growing linearly, 0.052 T. Row T has the scale of the
+    bidirectional centring; the gain i/T uses the sequence length T but no later token's value.
+    A per-token norm of the attention output would undo the gain. Table and argument:
+    docs/spectral.md ("Causal centring").
     """
     t = probs_BxHxTxT.shape[-1]
     mix = probs_BxHxTxT - causal_uniform(t, probs_BxHxTxT.dtype)

@@ -15,8 +15,10 @@ A_c, `causal_centred` A_c - U (U_ij = 1/i for j <= i: remove_gap's default), and
 `causal_scaled` diag(i/T) (A_c - U) (remove_gap_mode="scaled"); plus sigma_1, sigma_2 of A,
 the top three singular values of A_c and ||A_c - U||_F^2. With --depth=L it also stacks L
 such layers (fresh logits and W_V per layer) without skip (X <- P X W_V) and with a skip and
-LayerNorm (X <- LN(X + LN(P X W_V)) from X = LN(X0), LN over each token's features, no gain),
-and reports the stable rank of the last layer's output. docs/spectral.md ("Causal centring") reads the table.
+LayerNorm (X <- LN(X + c P X W_V) from X = LN(X0), LN over each token's features without gain,
+c the one scalar that gives the branch the Frobenius norm of X, so that the branch counts as
+much as the skip while the relative sizes of its rows are kept), and reports the stable rank
+of the last layer's output. docs/spectral.md ("Causal centring") reads the table.
 
     python -m mla_rmt.experiments.rank_collapse --setup=paper --out=results/rank_collapse
 """
@@ -105,11 +107,14 @@ def one_draw(setup: str, t: int, d: int, depth: int, rng: np.random.Generator) -
                sigma3_causal=s_c[2], fro2_causal_centred=np.sum(mix["causal_centred"] ** 2))
     for residual in (False, True) if depth else ():
         for name in MIXERS:
-            x_TxD = layer_norm(x0_TxD) if residual else x0_TxD     # skip and branch on one scale
+            x_TxD = layer_norm(x0_TxD) if residual else x0_TxD     # tokens as a normed layer sees them
             for _ in range(depth):
                 branch_TxD = mixers(_logits(setup, x_TxD, rng))[name] @ x_TxD @ (
                     rng.standard_normal((d, d)) / np.sqrt(d))
-                x_TxD = layer_norm(x_TxD + layer_norm(branch_TxD)) if residual else branch_TxD
+                if residual:          # the branch at the skip's overall scale, one scalar per layer
+                    branch_TxD *= np.sqrt(np.sum(x_TxD ** 2) / np.sum(branch_TxD ** 2))
+                    branch_TxD = layer_norm(x_TxD + branch_TxD)
+                x_TxD = branch_TxD
             key = f"sr_deep_{'residual_' if residual else ''}{name}"
             out[key] = float(stable_rank.of_tokens(x_TxD))
     return {k: float(v) for k, v in out.items()}
