@@ -1,13 +1,14 @@
-"""Activation diagnostics of "Mind the Gap" on a fixed probe batch (DESIGN 4.4).
+"""Activation diagnostics of "Mind the Gap" on a fixed probe batch.
 
 Per layer: the top two singular values of the attention matrix that mixes the tokens
-(A, or A - U under remove_gap) and their ratio, the stable rank of the layer output, and
-the entropy of the softmax rows in bits.
+(A, or its centred form under remove_gap) and their ratio, the stable rank of the layer
+output (mla_rmt/stable_rank.py, the package's one definition), and the entropy of the
+softmax rows in bits.
 """
 import jax
 import jax.numpy as jnp
 
-from mla_rmt import attention, spectral
+from mla_rmt import attention, spectral, stable_rank
 from mla_rmt.model import Transformer
 from mla_rmt.model_config import ModelConfig
 
@@ -21,11 +22,6 @@ def _gram_eigs(x_NxTxK):
     else:
         gram = jnp.einsum("ntk,nsk->nts", x_NxTxK, x_NxTxK, precision=HIGHEST)
     return jnp.clip(spectral.eigvalsh(gram)[..., ::-1], 0.0, None)
-
-
-def stable_rank_of_gram(eigs_NxP):
-    """||X X^T||_F^2 / ||X X^T||_2^2 from the squared singular values of X."""
-    return jnp.sum(eigs_NxP ** 2, -1) / jnp.maximum(eigs_NxP[..., 0] ** 2, 1e-30)
 
 
 def attention_stats(mix_BxHxTxT, probs_BxHxTxT):
@@ -43,7 +39,7 @@ def attention_stats(mix_BxHxTxT, probs_BxHxTxT):
 
 def rep_stable_rank(x_BxTxD):
     """Stable rank of each sequence's token representations, mean over the batch: T if isotropic, 1 if collapsed."""
-    return stable_rank_of_gram(_gram_eigs(x_BxTxD.astype(jnp.float32))).mean()
+    return stable_rank.from_gram_eigs(_gram_eigs(x_BxTxD.astype(jnp.float32))).mean()
 
 
 def probe(cfg: ModelConfig, params, tokens_BxT) -> dict[str, jax.Array]:
@@ -54,8 +50,8 @@ def probe(cfg: ModelConfig, params, tokens_BxT) -> dict[str, jax.Array]:
     mix_LxBxHxTxT = layers["attention"]["probs_BxHxTxT"][0]
     out_LxBxTxD = layers["output_BxTxD"][0]
     probs = mix_LxBxHxTxT
-    if cfg.remove_gap:                       # the capture holds A - U; entropy is of A
-        probs = mix_LxBxHxTxT + attention.causal_uniform(mix_LxBxHxTxT.shape[-1])
+    if cfg.remove_gap:                       # the capture holds the centred mixer; entropy is of A
+        probs = attention.uncentre(mix_LxBxHxTxT, cfg.remove_gap_mode)
     stats = jax.vmap(attention_stats)(mix_LxBxHxTxT, probs)
     stats["rep_stable_rank"] = jax.vmap(rep_stable_rank)(out_LxBxTxD)
     return stats

@@ -136,19 +136,57 @@ def dense_init(fan_in: int):
     return nn.initializers.normal(stddev=fan_in ** -0.5)
 
 
+GAP_MODES = ("uniform", "scaled")   # config.model.attention.remove_gap_mode
+
+
 def causal_uniform(t: int, dtype=jnp.float32):
     """U_TxT with U_ij = 1/i for j <= i (rows 1-based), 0 above the diagonal."""
     rows = jnp.arange(1, t + 1, dtype=dtype)[:, None]
     return jnp.tril(jnp.ones((t, t), dtype)) / rows
 
 
-def causal_probs(q_BxTxHxK, k_BxTxHxK, scale: float, remove_gap: bool):
-    """Post-softmax causal attention A_BxHxTxT in fp32, centred to A - U if remove_gap.
+def _position_gain(t: int, dtype=jnp.float32):
+    """i/T for rows i = 1..T, as a column [T, 1]."""
+    return (jnp.arange(1, t + 1, dtype=dtype) / t)[:, None]
 
-    The centring of "Mind the Gap" is A - 11^T/T for bidirectional attention; in a decoder
-    that would mix future tokens into every row, so we subtract the causal uniform matrix U
-    instead: rows of A - U sum to zero, the Perron direction is removed, causality is kept.
+
+def centre(probs_BxHxTxT, mode: str = "uniform"):
+    """remove_gap's token mixer from the causal softmax A (row i uses keys j <= i only).
+
+    "Mind the Gap" centres bidirectional attention as A - 11^T/T; in a decoder that would mix
+    future tokens into every row. "uniform" subtracts the causal uniform matrix instead, A - U
+    (U_ij = 1/i for j <= i): rows sum to zero, causality is kept. It does not carry the paper's
+    effect. Causal A at init has no single Perron outlier: its top singular values are those
+    of U (the Cesaro operator, norm -> 2), e.g. 1.76, 1.32, 0.99 at T = 800. Row i of A - U is
+    the deviation of a softmax over i keys, of squared norm ~ 1/i, so ||A - U||_F^2 grows like
+    ln T and the first rows hold the energy: in the paper's model sr((A - U) X W_V) stays at
+    1.7-3.0 for T = 25-800, where A - 11^T/T gives 0.065 T. "scaled" multiplies row i by i/T:
+    diag(i/T)(A - U) = (diag(i) A - L)/T, L the causal ones, whose entries i A_ij - 1 are close
+    to iid with mean 0 at init (the unnormalised weights, centred): the causal analogue of
+    (T A - 11^T)/T, with sr growing linearly, 0.052 T. Row T has the scale of the
+    bidirectional centring; the gain i/T uses the sequence length T but no later token's value.
+    A per-token norm of the attention output would undo the gain. Table and argument:
+    docs/spectral.md ("Causal centring").
     """
+    t = probs_BxHxTxT.shape[-1]
+    mix = probs_BxHxTxT - causal_uniform(t, probs_BxHxTxT.dtype)
+    if mode == "scaled":
+        mix = mix * _position_gain(t, probs_BxHxTxT.dtype)
+    elif mode != "uniform":
+        raise ValueError(f"remove_gap_mode: one of {GAP_MODES}, got {mode!r}")
+    return mix
+
+
+def uncentre(mix_BxHxTxT, mode: str = "uniform"):
+    """The causal softmax A back from `centre(A, mode)`."""
+    t = mix_BxHxTxT.shape[-1]
+    if mode == "scaled":
+        mix_BxHxTxT = mix_BxHxTxT / _position_gain(t, mix_BxHxTxT.dtype)
+    return mix_BxHxTxT + causal_uniform(t, mix_BxHxTxT.dtype)
+
+
+def causal_probs(q_BxTxHxK, k_BxTxHxK, scale: float, remove_gap: bool, mode: str = "uniform"):
+    """Post-softmax causal attention A_BxHxTxT in fp32, centred by `centre(A, mode)` if remove_gap."""
     t = q_BxTxHxK.shape[1]
     logits = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxTxHxK,
                         preferred_element_type=jnp.float32) * scale
@@ -156,7 +194,7 @@ def causal_probs(q_BxTxHxK, k_BxTxHxK, scale: float, remove_gap: bool):
     logits = jnp.where(mask_TxT, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     if remove_gap:
-        probs = probs - causal_uniform(t)
+        probs = centre(probs, mode)
     return probs
 
 
@@ -245,7 +283,8 @@ class Attention(nn.Module):
             groups = cfg.num_heads // k_BxTxGxK.shape[2]
             k_BxTxHxK = jnp.repeat(k_BxTxGxK, groups, axis=2)
             v_BxTxHxK = jnp.repeat(v_BxTxGxK, groups, axis=2)
-            probs_BxHxTxT = causal_probs(q_BxTxHxK, k_BxTxHxK, scale, cfg.remove_gap)
+            probs_BxHxTxT = causal_probs(q_BxTxHxK, k_BxTxHxK, scale, cfg.remove_gap,
+                                          cfg.remove_gap_mode)
             if capture:
                 self.sow("intermediates", "probs_BxHxTxT", probs_BxHxTxT)
             out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxT.astype(v_BxTxHxK.dtype),

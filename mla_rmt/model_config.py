@@ -36,6 +36,7 @@ class ModelConfig:
     q_latent_dim: int
     kv_latent_dim: int
     remove_gap: bool
+    remove_gap_mode: str = "uniform"
 
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict) -> "ModelConfig":
@@ -52,7 +53,8 @@ class ModelConfig:
             num_kv_heads=int(a.num_kv_heads) or int(model.num_heads),
             q_latent_dim=int(a.q_latent_dim),
             kv_latent_dim=int(a.kv_latent_dim) or int(model.d_model) // 2,
-            remove_gap=bool(a.remove_gap))
+            remove_gap=bool(a.remove_gap),
+            remove_gap_mode=str(a.get("remove_gap_mode", "uniform")))
         cfg.validate()
         return cfg
 
@@ -96,4 +98,6 @@ class ModelConfig:
              "(rotary rotates pairs of dims)")
         # Kind-specific checks live with the kind, so a new kind brings its own.
         from mla_rmt import attention  # pylint: disable=import-outside-toplevel
+        need(self.remove_gap_mode in attention.GAP_MODES, "model.attention.remove_gap_mode",
+             f"must be one of {attention.GAP_MODES}, got {self.remove_gap_mode!r}")
         attention.validate(self)

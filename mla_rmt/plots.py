@@ -244,32 +244,42 @@ def perplexity_table(trials: pd.DataFrame) -> pd.DataFrame:
     return out.drop(columns="_kind").reset_index(drop=True)
 
 
-def rank_collapse_figure(results, d: int | None = None) -> Figure:
-    """The rows of experiments.rank_collapse.run: stable rank of A X W_V and of
-    (A - 11^T/T) X W_V against context length T (T marks full rank), and sigma1, sigma2 of A."""
+_RANK_COLLAPSE_CURVES = (  # key of experiments.rank_collapse.run -> label, panel
+    ("sr_vanilla", "A X W_V", 0), ("sr_centred", "(A - 11ᵀ/T) X W_V", 0),
+    ("sr_causal", "A_c X W_V", 1), ("sr_causal_centred", "(A_c - U) X W_V", 1),
+    ("sr_causal_scaled", "diag(i/T)(A_c - U) X W_V", 1))
+
+
+def rank_collapse_figure(results) -> Figure:
+    """The rows of experiments.rank_collapse.run: the stable rank sr(X X^T) of one attention
+    layer's output against context length T, bidirectional (the paper's A and its centring)
+    and causal (A_c, remove_gap's A_c - U and its row-scaled form); T marks full rank. Third
+    panel: the top singular values of A and A_c."""
     rows = pd.DataFrame(results).sort_values("T")
 
     def col(name):
         return rows[name].to_numpy(np.float64)
 
     t = rows["T"].to_numpy()
-    fig, axes = _figure(1, 2, panel=(4.5, 3.5))
-    ax = axes[0, 0]
-    ax.errorbar(t, col("stable_rank_A"), col("stable_rank_A_std"), marker="o", label="A X W_V")
-    ax.errorbar(t, col("stable_rank_A_perp"), col("stable_rank_A_perp_std"), marker="s",
-                label="(A - 11ᵀ/T) X W_V")
-    ax.plot(t, t, ":", color="0.5", label="T (full rank)")
-    ax.set(yscale="log", ylabel="stable rank",
-           title="Rank collapse in width at init" + (f" (d={d})" if d else ""))
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax = axes[0, 1]
-    ax.plot(t, col("sigma1_A"), marker="o", label="σ1(A)")
-    ax.plot(t, col("sigma2_A"), marker="s", label="σ2(A)")
-    ax.set(ylim=(0.0, 1.1 * col("sigma1_A").max()), ylabel="singular value",
-           title="Top singular values of A")
+    first = rows.iloc[0]
+    fig, axes = _figure(1, 3, panel=(4.3, 3.5))
+    for key, label, panel in _RANK_COLLAPSE_CURVES:
+        axes[0, panel].errorbar(t, col(key), col(key + "_std"), marker="o", label=label)
+    for ax, title in zip(axes[0, :2], ("bidirectional", "causal")):
+        ax.plot(t, t, ":", color="0.5", label="T (full rank)")
+        ax.set(yscale="log", ylabel="stable rank of X Xᵀ",
+               title=f"{title}, setup={first['setup']}, d={'T' if first['setup'] == 'paper' else first['d']}")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax = axes[0, 2]
+    for key, label, marker in (("sigma1_A", "σ1(A)", "o"), ("sigma2_A", "σ2(A)", "s"),
+                               ("sigma1_causal", "σ1(A_c)", "^"), ("sigma2_causal", "σ2(A_c)", "v"),
+                               ("sigma3_causal", "σ3(A_c)", "d")):
+        ax.plot(t, col(key), marker=marker, label=label)
+    ax.set(ylim=(0.0, 1.1 * col("sigma1_causal").max()), ylabel="singular value",
+           title="Top singular values of A and A_c")
     for ax in axes[0]:
-        ax.set_xscale("log", base=2)
+        ax.set_xscale("log")
         ax.set_xticks(t, labels=[str(v) for v in t])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("context length T")

@@ -42,7 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
     a.num_kv_heads = 0            # gqa: key/value heads (0 = num_heads)
     a.q_latent_dim = 0            # mla: query latent width (0 = no query compression)
     a.kv_latent_dim = 0           # mla: key/value latent width (0 = d_model // 2)
-    a.remove_gap = False          # centred attention A - U (DESIGN section 3)
+    a.remove_gap = False          # centred causal attention (docs/spectral.md, "Causal centring")
+    a.remove_gap_mode = "uniform" # with remove_gap: "uniform" A - U, "scaled" diag(i/T)(A - U)
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "embedded"         # "embedded" | "text_files" | "tfds"

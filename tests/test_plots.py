@@ -271,15 +271,16 @@ def test_perplexity_table_orders_variants(synthetic):
     assert {"eval_loss", "max_mp_gap", "mean_outlier_energy", "step"} <= set(table.columns)
 
 
-def test_rank_collapse_figure_draws_the_experiment():
-    rows = rank_collapse.run([4, 8, 16], d=16, draws=2, seed=0)
-    fig = plots.rank_collapse_figure(rows, d=16)
-    width, sigmas = fig.axes
-    assert "d=16" in width.get_title()
-    plotted = {c.get_label(): c.lines[0].get_ydata() for c in width.containers}   # errorbars
-    np.testing.assert_allclose(plotted["A X W_V"], [r["stable_rank_A"] for r in rows])
-    np.testing.assert_allclose(plotted["(A - 11ᵀ/T) X W_V"], [r["stable_rank_A_perp"] for r in rows])
-    np.testing.assert_allclose(sigmas.lines[1].get_ydata(), [r["sigma2_A"] for r in rows])
+def test_rank_collapse_figure_draws_the_rows():
+    rows = rank_collapse.run([4, 8, 16], draws=2, seed=0)
+    fig = plots.rank_collapse_figure(rows)
+    bidirectional, causal, sigmas = fig.axes
+    assert "setup=paper" in bidirectional.get_title()
+    for ax, keys in ((bidirectional, ("sr_vanilla", "sr_centred")),
+                     (causal, ("sr_causal", "sr_causal_centred", "sr_causal_scaled"))):
+        plotted = [c.lines[0].get_ydata() for c in ax.containers]        # errorbars
+        np.testing.assert_allclose(plotted, [[r[k] for r in rows] for k in keys])
+    np.testing.assert_allclose(sigmas.lines[3].get_ydata(), [r["sigma2_causal"] for r in rows])
 
 
 def test_activation_depth_figure_compares_remove_gap(synthetic):

@@ -1,0 +1,83 @@
+"""remove_gap's two causal centrings: "uniform" A - U and "scaled" diag(i/T)(A - U).
+
+Causality and a float64 reference for every kind, and the effect at initialisation on the
+"Mind the Gap" model: only the scaled form keeps the stable rank growing linearly in T.
+"""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mla_rmt import attention, stable_rank
+from mla_rmt.experiments import rank_collapse
+from mla_rmt.model_config import ConfigError
+from test_attention import B, KINDS, T, build, inputs, make_cfg
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_scaled_centring_is_causal(kind):
+    rng = np.random.default_rng()
+    cfg = make_cfg(kind, rope_fraction=0.5, remove_gap=True, remove_gap_mode="scaled", q_latent_dim=24)
+    x, positions = inputs(rng, cfg)
+    module, variables = build(rng, cfg, x, positions)
+    t = int(rng.integers(1, T - 1))
+    x2 = x.at[:, t + 1:].set(rng.standard_normal((B, T - t - 1, cfg.d_model)).astype(np.float32))
+    y, y2 = module.apply(variables, x, positions), module.apply(variables, x2, positions)
+    assert np.array_equal(y[:, :t + 1], y2[:, :t + 1])
+    assert not np.allclose(y[:, t + 1:], y2[:, t + 1:])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", attention.GAP_MODES)
+def test_centring_against_float64(kind, mode):
+    rng = np.random.default_rng()
+    cfg = make_cfg(kind, remove_gap=True, remove_gap_mode=mode)
+    plain = make_cfg(kind, remove_gap=False)
+    x, positions = inputs(rng, cfg)
+    module, variables = build(rng, cfg, x, positions)
+    _, state = module.apply(variables, x, positions, capture=True, mutable=["intermediates"])
+    _, plain_state = attention.get(kind)(plain).apply(variables, x, positions, capture=True,
+                                                      mutable=["intermediates"])
+    mix = np.asarray(state["intermediates"]["probs_BxHxTxT"][0], np.float64)
+    a = np.asarray(plain_state["intermediates"]["probs_BxHxTxT"][0], np.float64)
+    lower = np.tril(np.ones((T, T)))
+    i = np.arange(1, T + 1)[:, None]
+    want = a - lower / i if mode == "uniform" else (i * a - lower) / T
+    np.testing.assert_allclose(mix, want, atol=1e-6)
+    np.testing.assert_allclose(mix.sum(-1), 0.0, atol=1e-6)
+    assert np.all(np.triu(mix, 1) == 0)
+    np.testing.assert_allclose(attention.uncentre(jnp.asarray(mix, jnp.float32), mode), a, atol=1e-5)
+
+
+def _sr_at_init(t, mode, draws, rng):
+    """sr(P X0 W_V) on the paper's model with P the model's own centring of the causal A."""
+    out = []
+    for _ in range(draws):
+        g = rank_collapse.paper_logits(t, rng)
+        logits = np.where(np.tril(np.ones((t, t), bool)), g, -np.inf)
+        a_c = jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+        mix = np.asarray(attention.centre(a_c, mode), np.float64)
+        xv = rank_collapse.haar_rows(t, t, rng) @ rng.standard_normal((t, t)) / np.sqrt(t)
+        out.append(stable_rank.of_tokens(mix @ xv))
+    return np.mean(out)
+
+
+def test_only_the_scaled_centring_grows_linearly_in_t():
+    rng = np.random.default_rng()
+    ts = (64, 256)
+    scaled = [_sr_at_init(t, "scaled", 4, rng) for t in ts]
+    uniform = [_sr_at_init(t, "uniform", 4, rng) for t in ts]
+    for t, s in zip(ts, scaled):                       # ~0.05 T
+        assert 0.03 * t < s < 0.09 * t
+    assert scaled[1] / scaled[0] > 2.8                 # T x4: about x4
+    assert uniform[1] / uniform[0] < 2.0               # A - U: far from linear
+    assert scaled[1] > 3 * uniform[1]
+
+
+def test_bad_mode_names_the_field():
+    with pytest.raises(ConfigError, match=re.escape("config.model.attention.remove_gap_mode")):
+        make_cfg("mha", remove_gap=True, remove_gap_mode="bidirectional")
+    with pytest.raises(ValueError, match="remove_gap_mode"):
+        attention.centre(jnp.ones((1, 1, 4, 4)), "bidirectional")
