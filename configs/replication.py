@@ -29,8 +29,8 @@ VARIANTS = (("mha", 0.5), ("mla_prerope", 0.5), ("mla_decoupled", 0.5), ("mla_de
             ("mla_decoupled", 0.75), ("mha", 0.0))
 SEEDS = (0, 1, 2)
 CORPORA = "sotu,bbc,kjv"
-# Weight spectra: the kind's default matrices ("" = the default set of mla_rmt.diagnostics);
-# the literal cross-Gram qk_gram is added by name where the default set lacks it (_matrices).
+# Weight spectra: the kind's default (gauge-invariant) matrices and, for comparison with the
+# paper, the literal cross-Gram qk_gram, named per trial (_matrices).
 EXTRA_MATRICES = ("qk_gram",)
 
 
@@ -60,21 +60,29 @@ def get_config(arg: str = "gpu"):
         t.num_steps, t.eval_batches, t.checkpoint_every = 21, 2, 21
         t.log_every = t.eval_every = g.every = 10
         g.images_every = 20
-        config.optim.warmup_steps = 5
+        config.optim.learning_rate, config.optim.warmup_steps = 3e-3, 5
     return config
 
 
 def _matrices(kind: str, rope_fraction: float) -> str:
-    """The default matrices of the kind plus EXTRA_MATRICES, comma-separated."""
-    from mla_rmt import diagnostics, model_config   # pylint: disable=import-outside-toplevel
-    config = get_config("tiny")
-    config.model.attention.kind, config.model.attention.rope_fraction = kind, rope_fraction
-    names = [m.name for m in diagnostics.matrices(model_config.from_config(config))]
+    """The kind's default matrices plus EXTRA_MATRICES, comma-separated (read from the kind's
+    own list, no null law computed)."""
+    from mla_rmt import diagnostics   # pylint: disable=import-outside-toplevel
+    from mla_rmt.model_config import ModelConfig   # pylint: disable=import-outside-toplevel
+    model = get_config("gpu").model
+    model.attention.kind, model.attention.rope_fraction = kind, rope_fraction
+    cfg = ModelConfig.from_config(model)
+    if hasattr(diagnostics, "available"):     # each matrix of the kind says if it is a default
+        names = [m.name for m in diagnostics.available(cfg) if m.default]
+    else:                                     # every matrix of the kind is a default
+        names = list(diagnostics._pieces(cfg))   # pylint: disable=protected-access
     return ",".join(names + [n for n in EXTRA_MATRICES if n not in names])
 
 
 def get_sweep(arg: str = "gpu"):
-    """Seed-major: trials 0-5 are seed 0 of the six variants, 6-11 seed 1, 12-17 seed 2."""
+    """Seed-major: trials 0-5 are seed 0 of the six variants, 6-11 seed 1, 12-17 seed 2.
+    The matrices come last in each trial (its directory name ends with them)."""
     del arg
-    return [{"model.attention.kind": kind, "model.attention.rope_fraction": f, "seed": seed}
+    return [{"model.attention.kind": kind, "model.attention.rope_fraction": f, "seed": seed,
+             "diagnostics.matrices": _matrices(kind, f)}
             for seed in SEEDS for kind, f in VARIANTS]

@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import glob
 import hashlib
-import importlib.util
 import json
 import os
 import time

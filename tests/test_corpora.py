@@ -62,7 +62,7 @@ def documents_of(rows) -> dict[str, str]:
 def corpus_config(corpora_names, tmp_path=None, **data_fields):
     c = presets.base_config()
     c.model.vocab_size = VOCAB
-    c.data.update(corpora=corpora_names, seq_len=32, global_batch_size=4, **data_fields)
+    c.data.update({"corpora": corpora_names, "seq_len": 32, "global_batch_size": 4, **data_fields})
     if tmp_path is not None:
         c.data.data_dir = str(tmp_path)
     return c
