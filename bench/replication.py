@@ -7,9 +7,10 @@ token counts are built once (the trials would race for them) and the step count 
 against one pass of the train split. At `--deadline` seconds the unfinished trials get
 SIGTERM (they save and stop); then every finished or stopped trial's scalars are exported.
 
-Everything lands in OUT/results/RUN/: log_<trial>.txt, corpus.json (documents, words and
-tokens per corpus and split, the tokenizer's hash) and scalars.<trials>.json.gz, which
-`python bench/export_scalars.py --merge` joins into scalars.json.gz.
+Everything lands in OUT/results/RUN/: log_<trial>.txt, corpus.<trials>.json (documents,
+words and tokens per corpus and split, the tokenizer's hash: the same in every call) and
+scalars.<trials>.json.gz, which `python bench/export_scalars.py --merge` joins into
+scalars.json.gz.
 
     python bench/replication.py --workdir=/tmp/rep --out=$OUT --trials=0-8   # configs/replication.py
 """
@@ -89,18 +90,20 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--run", default="replication_prose", help="results/<run>/ under --out")
     parser.add_argument("--trials", default="", help="indices: '0-8', '0,3,5' (default all)")
-    parser.add_argument("--deadline", type=float, default=500.0, help="seconds until SIGTERM")
+    parser.add_argument("--deadline", type=float, default=480.0, help="seconds until SIGTERM")
     args = parser.parse_args()
     start = time.time()
+    trial_env = dict(os.environ)
+    os.environ["JAX_PLATFORMS"] = "cpu"     # this process never takes GPU memory from the trials
     out = pathlib.Path(args.out) / "results" / args.run
     out.mkdir(parents=True, exist_ok=True)
 
     count, report = prepare(args.config)
-    (out / "corpus.json").write_text(json.dumps(report, indent=1))
+    (out / f"corpus.{args.trials or 'all'}.json").write_text(json.dumps(report, indent=1))
     print(f"corpus and tokenizer ready after {time.time() - start:.0f} s: "
           f"{json.dumps(report['splits'])}", flush=True)
     indices = parse_trials(args.trials, count)
-    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / len(indices):.3f}")
+    env = dict(trial_env, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / len(indices):.3f}")
     procs = {}
     for i in indices:
         log = open(out / f"log_{i}.txt", "w")

@@ -52,6 +52,29 @@ def variant_name(kind: str, fraction: float) -> str:
     return f"{kind} f={fraction:g}" + (" (NoPE)" if fraction == 0 else "")
 
 
+def corpus_section(paths: list[pathlib.Path]) -> str:
+    """The corpus table from bench/replication.py's corpus.*.json (every call's must agree)."""
+    if not paths:
+        return ""
+    reports = [json.loads(p.read_text()) for p in paths]
+    hashes = {r["tokenizer_sha256"] for r in reports}
+    rows = [{"split": split, "corpus": name, **counts}
+            for split, per_corpus in reports[0]["splits"].items() for name, counts in per_corpus.items()]
+    for split, per_corpus in reports[0]["splits"].items():
+        rows.append({"split": split, "corpus": "all",
+                     **{k: sum(c[k] for c in per_corpus.values()) for k in rows[0] if k not in ("split", "corpus")}})
+    r = reports[0]
+    lines = ["## Corpus\n",
+             f"config.data.corpora={r['corpora']!r}, {r['vocab_size']}-piece tokenizer (sha256 "
+             f"{r['tokenizer_sha256'][:16]}...), {r['epoch_steps']} steps make one pass of the smallest "
+             f"train shard. Documents are held out whole; records are blocks of a document; tokens "
+             f"include one EOS per record. From {', '.join(p.name for p in paths)}.\n",
+             markdown(pd.DataFrame(rows)), ""]
+    if len(hashes) > 1:
+        lines.insert(1, f"**The calls trained different tokenizers: {sorted(hashes)}.**\n")
+    return "\n".join(lines)
+
+
 def trial_table(trials: dict) -> pd.DataFrame:
     """One row per trial: kind, rope_fraction, seed, variant, tokens per step."""
     rows = []
@@ -274,6 +297,8 @@ def main(argv=None):
     table = trial_table(trials)
     rows = scalars_table(trials, table)
     text, summary = report(rows, table, figures)
+    corpus = sorted({p for e in args.exports for p in pathlib.Path(e).parent.glob("corpus*.json")})
+    text = corpus_section(corpus) + "\n" + text
     header = (f"<!-- python bench/replication_report.py {' '.join(args.exports)} --out={args.out} -->\n\n")
     (out / "report.md").write_text(header + text + "\n")
     summary.to_csv(out / "summary.csv", index=False)
