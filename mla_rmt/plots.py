@@ -314,3 +314,70 @@ def activation_depth_figure(scalars: pd.DataFrame, metric: str = "rep_stable_ran
     ax.set_xticks(sorted({layer for t in per_trial.values() for layer in t.index}))
     ax.legend(fontsize="small")
     return fig
+
+
+# ---------------------------------------------------------------------------------------
+# Seed bands: one line per variant, the mean over seeds with its 95% t-interval.
+
+
+def seed_interval(values, level: float = 0.95) -> tuple[float, float, float, int]:
+    """(mean, low, high, n) of the values' t-interval; low = high = NaN for fewer than 2."""
+    from scipy import stats   # pylint: disable=import-outside-toplevel  (scipy comes with jax)
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    n = v.size
+    if n == 0:
+        return np.nan, np.nan, np.nan, 0
+    mean = float(v.mean())
+    if n < 2:
+        return mean, np.nan, np.nan, n
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
+    return mean, mean - half, mean + half, n
+
+
+def seed_bands(frame: pd.DataFrame, x: str, value: str = "value",
+               variant: str = "variant") -> pd.DataFrame:
+    """Long rows (variant, seed, x, value) -> [variant, x, mean, low, high, n] over seeds."""
+    rows = [(v, xv, *seed_interval(group[value]))
+            for (v, xv), group in frame.groupby([variant, x], sort=False)]
+    return pd.DataFrame(rows, columns=[variant, x, "mean", "low", "high", "n"])
+
+
+def seed_band_axes(ax, bands: pd.DataFrame, x: str, variant: str = "variant", colors=None) -> None:
+    """Draws seed_bands' rows on ax: a mean line and a shaded interval per variant."""
+    cmap = matplotlib.colormaps["tab10"]
+    for i, (name, group) in enumerate(bands.groupby(variant, sort=False)):
+        group = group.sort_values(x)
+        color = (colors or {}).get(name, cmap(i % 10))
+        ax.plot(group[x], group["mean"], color=color, marker=".", label=str(name))
+        ax.fill_between(group[x], group["low"], group["high"], color=color, alpha=0.2, lw=0)
+
+
+def seed_band_figure(frame: pd.DataFrame, x: str, panel: str | None = None, ylabel: str = "",
+                     title: str = "", ncols: int = 4, logy: bool = False,
+                     order: list | None = None) -> Figure:
+    """Mean over seeds and its 95% interval against x (step, layer, ...), one line per variant
+    (colours by `order`, else by first appearance); one panel per value of `panel` (e.g. metric
+    or layer) if given. frame: long rows with columns variant, seed, x, value (and panel)."""
+    panels = [(None, frame)] if panel is None else list(frame.groupby(panel, sort=True))
+    if not panels or frame.empty:
+        raise ValueError(f"seed_band_figure: no rows for {title or ylabel!r}")
+    order = list(order or dict.fromkeys(frame["variant"]))
+    cmap = matplotlib.colormaps["tab10"]
+    colors = {name: cmap(i % 10) for i, name in enumerate(order)}
+    fig, axes = _grid(len(panels), ncols, panel=(4.2, 3.0))
+    for ax, (key, rows) in zip(axes, panels):
+        bands = seed_bands(rows, x)
+        bands = bands.iloc[np.argsort([order.index(v) if v in order else len(order)
+                                       for v in bands["variant"]], kind="stable")]
+        seed_band_axes(ax, bands, x, colors=colors)
+        ax.set(xlabel=x, ylabel=ylabel or ("" if panel == "metric" else "value"),
+               title="" if key is None else str(key) if panel == "metric" else f"{panel} {key}")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        if logy:
+            ax.set_yscale("log")
+        ax.title.set_fontsize("small")
+    axes[0].legend(fontsize="x-small")
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -47,6 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "embedded"         # "embedded" | "text_files" | "tfds"
+    d.corpora = "kjv"             # source=embedded: comma-separated corpora of mla_rmt/corpora.py
+                                  # ("kjv", "sotu", "bbc"), e.g. "sotu,bbc,kjv"
     d.tfds_name = ""              # source=tfds: e.g. "c4/en:3.1.0"
     d.data_dir = ""               # source=tfds: TFDS data_dir (local or gs://); else the cache dir
     d.text_glob = ""              # source=text_files: a local glob of UTF-8 text files
@@ -61,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
                                   # (0 = one per process; fix it to make batches independent
                                   # of the process count)
     d.worker_count = 0            # grain worker processes (0 = in the main process)
+    d.max_epochs = 0.0            # > 0: refuse a run whose train.num_steps would read more than
+                                  # this many passes over any shard of the train split (0 = no limit)
 
     c.optim = o = ml_collections.ConfigDict()
     o.learning_rate = 3e-3

@@ -1,0 +1,169 @@
+"""configs/replication.py, bench/replication.py and bench/replication_report.py on real trials:
+two variants x two seeds of the config's tiny variant, run side by side, exported, reported;
+the report's numbers checked against float64 numpy computed here from the export."""
+import gzip
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mla_rmt import data, diagnostics, sweep, tokenizer
+from mla_rmt.model_config import ModelConfig
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "replication.py")
+T975 = {1: 12.706204736174707, 2: 4.302652729749464}   # t quantile 0.975, by degrees of freedom
+
+
+def test_config_sweeps_six_variants_by_three_seeds_on_fixed_data():
+    trials = sweep.load(CONFIG)
+    variants = {(t["model.attention.kind"], t["model.attention.rope_fraction"]) for t in trials}
+    assert variants == {("mha", 0.5), ("mla_prerope", 0.5), ("mla_decoupled", 0.5),
+                        ("mla_decoupled", 0.25), ("mla_decoupled", 0.75), ("mha", 0.0)}
+    assert len(trials) == 18 and {t["seed"] for t in trials} == {0, 1, 2}
+    assert len({sweep.trial_name(t) for t in trials}) == 18
+    config = sweep.load_config(CONFIG)
+    assert all("data.shuffle_seed" not in t for t in trials)     # the same tokens for every trial
+    assert 50 <= config.diagnostics.every <= 100 and config.data.max_epochs == 1.0
+    assert (config.model.d_model, config.model.num_heads, config.model.d_head) == (768, 12, 64)
+    for t in trials:                                  # names the kind's diagnostics accept
+        names = tuple(t["diagnostics.matrices"].split(","))
+        assert "qk_gram" in names
+        tiny = sweep.apply(sweep.load_config(CONFIG + ":tiny"), t)
+        assert [m.name for m in diagnostics.matrices(ModelConfig.from_config(tiny.model), "product", names)]
+
+
+def test_gpu_config_reads_at_most_one_pass_of_the_train_split(data_cache):
+    del data_cache
+    config = sweep.load_config(CONFIG)
+    tok = tokenizer.get_tokenizer(config.data, config.model.vocab_size)
+    counts = data.document_token_counts(config.data, tok, "train")
+    shards = config.data.num_shards
+    rows = config.data.global_batch_size // shards
+    smallest = min(counts[s::shards].sum() for s in range(shards))
+    assert config.train.num_steps * rows * (config.data.seq_len + 1) <= smallest
+    assert config.train.num_steps >= 0.9 * smallest / (rows * (config.data.seq_len + 1))
+    data.check_epochs(config, tok)
+    config.train.num_steps = data.epoch_steps(config, tok) + 1
+    with pytest.raises(data.ConfigError, match="config.train.num_steps"):
+        data.check_epochs(config, tok)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data_cache):
+    """bench/replication.py on trials 0, 5, 6, 11 of the tiny variant: mha f=0.5 and NoPE,
+    seeds 0 and 1; then the report on its export."""
+    del data_cache
+    root = tmp_path_factory.mktemp("replication")
+    proc = subprocess.run([sys.executable, "bench/replication.py", f"--config={CONFIG}:tiny",
+                           f"--workdir={root / 'work'}", f"--out={root}", "--trials=0,5,6,11",
+                           "--deadline=1500"], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = root / "results" / "replication_prose"
+    export = results / "scalars.0,5,6,11.json.gz"
+    report = subprocess.run([sys.executable, "bench/replication_report.py", str(export),
+                             f"--out={root / 'report'}"], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert report.returncode == 0, report.stderr[-3000:]
+    with gzip.open(export, "rt") as f:
+        exported = json.load(f)
+    return {"root": root, "results": results, "export": export, "exported": exported,
+            "report": root / "report", "stdout": report.stdout}
+
+
+def final_and_best(run_entry):
+    points = np.asarray(dict(run_entry["scalars"])["eval/loss"], np.float64)
+    return points[-1, 1], points[:, 1].min(), points
+
+
+def test_runner_records_corpus_logs_and_a_small_export(run):
+    corpus = json.loads((run["results"] / "corpus.0,5,6,11.json").read_text())
+    for split in ("train", "validation"):
+        assert set(corpus["splits"][split]) == {"sotu", "bbc", "kjv"}
+        assert all(row["tokens"] > row["words"] > 0 for row in corpus["splits"][split].values())
+    assert corpus["vocab_size"] == 2048 and len(corpus["tokenizer_sha256"]) == 64
+    assert sorted(p.name for p in run["results"].glob("log_*.txt")) == [
+        "log_0.txt", "log_11.txt", "log_5.txt", "log_6.txt"]
+    trials = run["exported"]
+    assert len(trials) == 4 and all("result.json" in t and "config.json" in t for t in trials.values())
+    assert {t["config.json"]["seed"] for t in trials.values()} == {0, 1}
+    assert run["export"].stat().st_size < 200_000
+
+
+def test_report_intervals_match_numpy(run):
+    summary = pd.read_csv(run["report"] / "summary.csv")
+    by_variant = {}
+    for t in run["exported"].values():
+        f = t["config.json"]["model"]["attention"]["rope_fraction"]
+        by_variant.setdefault(f, []).append(np.exp(final_and_best(t)[0]))
+    last = max(int(p[0]) for t in run["exported"].values() for p in dict(t["scalars"])["eval/loss"])
+    for f, name in ((0.5, "mha f=0.5"), (0.0, "mha f=0 (NoPE)")):
+        ppl = np.asarray(by_variant[f])
+        half = T975[len(ppl) - 1] * ppl.std(ddof=1) / np.sqrt(len(ppl))
+        row = summary[(summary["variant"] == name) & (summary["metric"] == "eval/perplexity")
+                      & summary["when"].str.startswith(f"ppl @{last} ")]
+        assert len(row) == 1 and row["n"].iloc[0] == 2
+        np.testing.assert_allclose(row[["mean", "low", "high"]].to_numpy()[0],
+                                   [ppl.mean(), ppl.mean() - half, ppl.mean() + half], rtol=1e-9)
+
+
+def test_report_memorisation_check_and_matched_loss(run):
+    text = (run["report"] / "report.md").read_text()
+    finals = {}
+    for name, t in run["exported"].items():
+        final, best, _ = final_and_best(t)
+        finals[name] = final
+        verdict = "yes" if final / best - 1 <= 0.02 else "NO"
+        assert f"| {name} |" in text
+        line = next(l for l in text.splitlines() if l.startswith(f"| {name} |"))
+        assert line.rstrip(" |").endswith(verdict)
+    target = max(finals.values())
+    assert f"matched eval loss {target:.4f}" in text
+    summary = pd.read_csv(run["report"] / "summary.csv")
+    for f, name in ((0.5, "mha f=0.5"), (0.0, "mha f=0 (NoPE)")):
+        values = []
+        for t in run["exported"].values():
+            if t["config.json"]["model"]["attention"]["rope_fraction"] != f:
+                continue
+            _, _, ev = final_and_best(t)
+            i = int(np.flatnonzero(ev[:, 1] <= target)[0])
+            step = ev[0, 0] if i == 0 else ev[i - 1, 0] + (ev[i - 1, 1] - target) / (
+                ev[i - 1, 1] - ev[i, 1]) * (ev[i, 0] - ev[i - 1, 0])
+            scalars = dict(t["scalars"])
+            layers = [np.asarray(v, np.float64) for k, v in scalars.items()
+                      if k.startswith("spectral/qk_circuit/mp_gap/layer_")]
+            mean = np.mean([np.interp(step, l[:, 0], l[:, 1]) for l in layers])
+            values.append(mean)
+        row = summary[(summary["variant"] == name) & (summary["matrix"] == "qk_circuit")
+                      & (summary["metric"] == "mp_gap") & (summary["when"] == "matched loss")]
+        np.testing.assert_allclose(row["mean"].iloc[0], np.mean(values), rtol=1e-9)
+    init = summary[(summary["when"] == "init, step 0") & (summary["matrix"] == "qk_circuit")]
+    assert set(init["metric"]) >= {"mp_gap", "outlier_energy"}
+    for fig in ("eval_loss.png", "qk_circuit_by_layer.png", "qk_circuit_over_steps.png"):
+        assert (run["report"] / "figures" / fig).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_reads_matrix_and_metric_names_from_the_tags(run, tmp_path):
+    renamed = {}
+    for name, t in run["exported"].items():
+        scalars = {}
+        for tag, points in t["scalars"].items():
+            if tag.startswith("spectral/qk_circuit/"):
+                tag = tag.replace("spectral/qk_circuit/", "spectral/qk_circuit_sum/") + "/head_max"
+            scalars[tag] = points
+        renamed[name] = {**t, "scalars": scalars}
+    path = tmp_path / "renamed.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump(renamed, f)
+    proc = subprocess.run([sys.executable, "bench/replication_report.py", str(path),
+                           f"--out={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "### qk_circuit_sum: mp_gap/head_max (layer mean)" in text
+    assert "### qk_circuit:" not in text
+    assert (tmp_path / "out" / "figures" / "qk_circuit_sum_by_layer.png").exists()
