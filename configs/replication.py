@@ -32,8 +32,8 @@ VARIANTS = (("mha", 0.5), ("mla_prerope", 0.5), ("mla_decoupled", 0.5), ("mla_de
 SEEDS = (0, 1, 2)
 CORPORA = "sotu,bbc,kjv"
 # Weight spectra: the kind's default (gauge-invariant) matrices and, for comparison with the
-# paper, the literal cross-Gram qk_gram, named per trial (_matrices).
-EXTRA_MATRICES = ("qk_gram",)
+# paper, the literal cross-Gram qk_gram.
+MATRICES = "default,qk_gram"
 
 
 def get_config(arg: str = "gpu"):
@@ -55,6 +55,7 @@ def get_config(arg: str = "gpu"):
     t.checkpoint_every = 1101
     t.keep_checkpoints = 1
     g = config.diagnostics
+    g.matrices = MATRICES
     g.every = 50                  # spectra at steps 0, 50, ..., 1100; activation probes at 50, ...
     g.images_every = 1100         # ESD figures at steps 0 and 1100 only: the host is shared
     if arg == "tiny":             # the same pipeline in a minute on a CPU
@@ -66,25 +67,8 @@ def get_config(arg: str = "gpu"):
     return config
 
 
-def _matrices(kind: str, rope_fraction: float) -> str:
-    """The kind's default matrices plus EXTRA_MATRICES, comma-separated (read from the kind's
-    own list, no null law computed)."""
-    from mla_rmt import diagnostics   # pylint: disable=import-outside-toplevel
-    from mla_rmt.model_config import ModelConfig   # pylint: disable=import-outside-toplevel
-    model = get_config("gpu").model
-    model.attention.kind, model.attention.rope_fraction = kind, rope_fraction
-    cfg = ModelConfig.from_config(model)
-    if hasattr(diagnostics, "available"):     # each matrix of the kind says if it is a default
-        names = [m.name for m in diagnostics.available(cfg) if m.default]
-    else:                                     # every matrix of the kind is a default
-        names = list(diagnostics._pieces(cfg))   # pylint: disable=protected-access
-    return ",".join(names + [n for n in EXTRA_MATRICES if n not in names])
-
-
 def get_sweep(arg: str = "gpu"):
-    """Seed-major: trials 0-5 are seed 0 of the six variants, 6-11 seed 1, 12-17 seed 2.
-    The matrices come last in each trial (its directory name ends with them)."""
+    """Seed-major: trials 0-5 are seed 0 of the six variants, 6-11 seed 1, 12-17 seed 2."""
     del arg
-    return [{"model.attention.kind": kind, "model.attention.rope_fraction": f, "seed": seed,
-             "diagnostics.matrices": _matrices(kind, f)}
+    return [{"model.attention.kind": kind, "model.attention.rope_fraction": f, "seed": seed}
             for seed in SEEDS for kind, f in VARIANTS]

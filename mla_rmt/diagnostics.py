@@ -19,6 +19,7 @@ from mla_rmt.model_config import ModelConfig
 
 NULL_DRAWS = 64     # init draws of one layer for a null law that is not one product chain
 NULL_SEED = 1234
+DEFAULT = "default"   # in config.diagnostics.matrices: the kind's default matrices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,13 +77,16 @@ def available(cfg: ModelConfig) -> tuple[attention.SpectralMatrix, ...]:
 
 @functools.lru_cache(maxsize=None)
 def matrices(cfg: ModelConfig, null: str = "product", names: tuple[str, ...] = ()) -> tuple[Matrix, ...]:
-    """The analysed matrices of a model (the kind's defaults, or those named), nulls computed once."""
+    """The analysed matrices of a model, nulls computed once: those named, where the name
+    DEFAULT stands for the kind's gauge-invariant defaults (no names: the defaults alone)."""
     specs = available(cfg)
-    unknown = set(names) - {s.name for s in specs}
+    unknown = set(names) - {s.name for s in specs} - {DEFAULT}
     if unknown:
         raise ValueError(f"config.diagnostics.matrices: {sorted(unknown)} are not analysed for "
-                         f"kind {cfg.kind!r}; available: {sorted(s.name for s in specs)}")
-    chosen = [s for s in specs if (s.name in names if names else s.default)]
+                         f"kind {cfg.kind!r}; available: {DEFAULT!r} and "
+                         f"{sorted(s.name for s in specs)}")
+    defaults = not names or DEFAULT in names
+    chosen = [s for s in specs if (defaults and s.default) or s.name in names]
     sampled = _sampled_nulls(cfg, tuple(s for s in chosen if s.chain is None))
     out = []
     for spec in chosen:
@@ -95,8 +99,8 @@ def matrices(cfg: ModelConfig, null: str = "product", names: tuple[str, ...] = (
 
 
 def configured_matrices(cfg: ModelConfig, diagnostics_config) -> tuple[Matrix, ...]:
-    """matrices() as config.diagnostics names them (`matrices`: comma-separated, "" = the kind's
-    defaults; `null`)."""
+    """matrices() as config.diagnostics names them (`matrices`: comma-separated names, "" or
+    "default" = the kind's defaults, e.g. "default,qk_gram"; `null`)."""
     names = tuple(n.strip() for n in diagnostics_config.matrices.split(",") if n.strip())
     return matrices(cfg, diagnostics_config.null, names)
 

@@ -92,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.diagnostics = g = ml_collections.ConfigDict()
     g.every = 0                   # weight spectra cadence in steps, inside the train step (0 = off)
-    g.matrices = ""               # comma-separated matrices of the kind ("" = its gauge-invariant defaults)
+    g.matrices = ""               # comma-separated matrices of the kind ("" or "default" = its gauge-invariant defaults)
     g.null = "product"            # null law: "product" (free product of Wisharts) or "mp"
     g.images_every = 0            # ESD and heatmap images cadence, a multiple of every (0 = every);
                                   # they render on a background thread that shares the host

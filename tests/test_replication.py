@@ -30,11 +30,12 @@ def test_config_sweeps_six_variants_by_three_seeds_on_fixed_data():
     assert all("data.shuffle_seed" not in t for t in trials)     # the same tokens for every trial
     assert 50 <= config.diagnostics.every <= 100 and config.data.max_epochs == 1.0
     assert (config.model.d_model, config.model.num_heads, config.model.d_head) == (768, 12, 64)
-    for t in trials:                                  # names the kind's diagnostics accept
-        names = tuple(t["diagnostics.matrices"].split(","))
-        assert "qk_gram" in names
+    for t in trials:              # the kind's defaults plus the literal cross-Gram, every kind
         tiny = sweep.apply(sweep.load_config(CONFIG + ":tiny"), t)
-        assert [m.name for m in diagnostics.matrices(ModelConfig.from_config(tiny.model), "product", names)]
+        cfg = ModelConfig.from_config(tiny.model)
+        chosen = {m.name for m in diagnostics.configured_matrices(cfg, tiny.diagnostics)}
+        defaults = {s.name for s in diagnostics.available(cfg) if s.default}
+        assert chosen == defaults | {"qk_gram"} and "qk_gram" not in defaults
 
 
 def test_gpu_config_reads_at_most_one_pass_of_the_train_split(data_cache):
