@@ -117,7 +117,8 @@ def describe(cfg: ModelConfig) -> str:
     itemsize = jnp.dtype(cfg.compute_dtype).itemsize
     elems = cls.kv_cache_elems_per_token(cfg)
     return (f"{cfg.kind}{cls.details(cfg)}: rope {cfg.rope_dims}/{cfg.d_head} dims per head "
-            f"(f={cfg.rope_fraction:g}), remove_gap={cfg.remove_gap}, "
+            f"(f={cfg.rope_fraction:g}), remove_gap="
+            f"{cfg.remove_gap and cfg.remove_gap_mode}, "
             f"{param_count(cfg):,} params per layer, KV cache {kv_cache_bytes_per_token(cfg):,} "
             f"bytes per token ({elems} x {itemsize} B per layer x {cfg.num_layers} layers)")
 

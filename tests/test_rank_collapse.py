@@ -110,3 +110,19 @@ def test_command_writes_rows_table_and_plot(tmp_path):
     assert "A-11^T/T" in text and "skip + LayerNorm" in text and "slope" in text
     assert (tmp_path / "rank_collapse.png").read_bytes()[:4] == b"\x89PNG"
 
+
+
+def test_docs_table_is_the_committed_run():
+    """docs/spectral.md's causal table carries results/rank_collapse/rank_collapse.json's means."""
+    rows = {r["T"]: r for r in json.loads((REPO / "results/rank_collapse/rank_collapse.json").read_text())}
+    section = (REPO / "docs/spectral.md").read_text().split("## Causal centring")[1]
+    lines = [l for l in section.splitlines() if l.startswith("| ") and l[2].isdigit()]
+    assert len(lines) == len(rows)
+    keys = ("sigma1_causal", "sigma2_causal", "sigma3_causal", "fro2_causal_centred", "sr_causal",
+            "sr_causal_centred", "sr_causal_scaled", "sr_centred")
+    for line in lines:
+        cells = [c.strip().split(" ± ")[0] for c in line.strip("| ").split("|")]
+        row = rows[int(cells[0])]
+        for key, cell in zip(keys, cells[1:]):
+            decimals = len(cell.split(".")[1])
+            assert float(cell) == round(row[key], decimals), (cells[0], key)
