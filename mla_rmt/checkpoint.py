@@ -5,8 +5,10 @@ uninterrupted run would have seen. The data position is saved per data shard
 (data.ShardStateHandler), so a run may resume on another process count with the same
 config.data.num_shards. Orbax writes each step to a temporary directory and renames it when
 complete, so a process killed mid-save leaves no half-written step behind. A step that is
-there but does not restore (damaged storage) is skipped for the newest one that does.
+there but does not restore (damaged storage) is skipped for the newest one that does, and
+moved aside to `<step>.damaged` (kept for inspection; the run writes that step anew).
 """
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -55,10 +57,12 @@ class Checkpointer:
         tried; a config error (e.g. another config.data.num_shards) is not the checkpoint's
         fault and is raised at once.
         """
-        failures = []
+        failures, damaged = [], []
         for step in sorted(self.all_steps(), reverse=True):
             try:
-                return self.restore(step, abstract_state, data_iterator), step
+                state = self.restore(step, abstract_state, data_iterator)
+                self._move_aside(damaged)
+                return state, step
             except ConfigError:
                 raise
             except Exception as e:  # pylint: disable=broad-except
@@ -66,12 +70,30 @@ class Checkpointer:
                 logging.warning("Checkpoint %s does not restore (%s: %s); trying the one before it.",
                                 self.directory / str(step), type(e).__name__, first_line)
                 failures.append(f"{self.directory / str(step)}: {type(e).__name__}: {first_line}")
+                damaged.append(step)
         if failures:
             raise CheckpointError(f"no checkpoint in {self.directory} restores:\n  " +
                                   "\n  ".join(failures) + "\nMove the damaged step directories "
                                   "away to resume from an older one, or the whole directory to "
                                   "start afresh.")
         return None, None
+
+    def _move_aside(self, steps: list[int]) -> None:
+        """Renames damaged steps out of the manager's view, so the run can save them again."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            for step in steps:
+                target = self.directory / f"{step}.damaged"
+                n = 1
+                while target.exists():
+                    target, n = self.directory / f"{step}.damaged{n}", n + 1
+                (self.directory / str(step)).rename(target)
+                logging.warning("Moved the damaged checkpoint %s aside to %s", self.directory / str(step), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+            multihost_utils.sync_global_devices("checkpoint: damaged steps moved aside")
+        self.manager.reload()
 
     def check_for_errors(self) -> None:
         """Raises, naming the directory, if an async save that has completed failed."""

@@ -9,6 +9,7 @@ After SIGTERM the running trial saves and the process exits with PREEMPTED_EXIT_
 EX_TEMPFAIL: run the same command again to resume).
 """
 import logging as py_logging
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -38,6 +39,18 @@ PREEMPTED_EXIT_CODE = 75
 # with its traceback. Either way the next trial runs.
 TRIAL_ERRORS = (ConfigError, FloatingPointError, FileNotFoundError, KeyError, ValueError,
                 workdir_lib.WorkdirError, checkpoint.CheckpointError)
+
+
+class _Interrupt:
+    """Remembers Ctrl-C, so the sweep stops even if a library turned the KeyboardInterrupt into
+    another exception (which run_trial would take for a failed trial)."""
+
+    received = False
+
+    @classmethod
+    def handle(cls, signum, frame):
+        cls.received = True
+        signal.default_int_handler(signum, frame)
 
 
 def trials() -> list[tuple[str | None, dict]]:
@@ -94,10 +107,13 @@ def main(argv):
                                  f"(0..{len(all_trials) - 1}).")
         selected = [selected[_TRIAL.value]]
 
+    signal.signal(signal.SIGINT, _Interrupt.handle)
     statuses = {}
     for i, (name, overrides) in selected:
         workdir = str(epath.Path(_WORKDIR.value) / name) if name else _WORKDIR.value
         statuses[name or workdir] = status = run_trial(workdir, overrides)
+        if _Interrupt.received:
+            raise KeyboardInterrupt(f"interrupted during trial {workdir}")
         if status == "preempted":
             break                      # SIGTERM: stop here; a rerun resumes this trial
     if len(selected) > 1:

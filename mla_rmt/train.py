@@ -401,6 +401,16 @@ class Trainer:
         return self.plain_step
 
 
+def check_batch_split(config: ml_collections.ConfigDict, mesh) -> int:
+    """The devices the batch is split over (data x fsdp); raises unless they divide it."""
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.data.global_batch_size % batch_devices:
+        raise ConfigError(f"config.data.global_batch_size: {config.data.global_batch_size} rows do "
+                          f"not split over the {batch_devices} devices of the mesh's data x fsdp "
+                          "axes; make it a multiple of them")
+    return batch_devices
+
+
 def make_trainer(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh) -> Trainer:
     model = Transformer(cfg)
     optimizer = make_optimizer(config)
@@ -417,11 +427,7 @@ def make_trainer(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh) -> T
         spectra_fn = functools.partial(diagnostics.weight_spectra, cfg=cfg, specs=specs)
 
     micro = int(config.train.get("microbatch_size", 0))
-    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.data.global_batch_size % batch_devices:
-        raise ConfigError(f"config.data.global_batch_size: {config.data.global_batch_size} rows do "
-                          f"not split over the {batch_devices} devices of the mesh's data x fsdp "
-                          "axes; make it a multiple of them")
+    batch_devices = check_batch_split(config, mesh)
     if 0 < micro < config.data.global_batch_size and micro % batch_devices:
         raise ConfigError(f"config.train.microbatch_size: {micro} rows do not split over the "
                           f"{batch_devices} devices of the mesh's data x fsdp axes")
@@ -469,6 +475,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, override
 def _train(config, cfg, workdir_path, overrides, changed) -> TrialResult:
     workdir = str(workdir_path)
     mesh = sharding.make_mesh(config.mesh)
+    check_batch_split(config, mesh)
     num_steps = config.train.num_steps
     tokens_per_step = config.data.global_batch_size * config.data.seq_len
 
