@@ -24,6 +24,7 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
     def __init__(self, directory: str, keep: int, async_save: bool = True):
         self.directory = epath.Path(directory)
+        self._last_step = None     # of the latest save started, named if it fails
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -42,7 +43,16 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = data.iterator_save_args(data_iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        try:
+            started = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as e:  # pylint: disable=broad-except
+            raise self._save_failed(e, f"step {step} or the save before it") from e
+        self._last_step = step
+        return started
+
+    def _save_failed(self, error: Exception, which: str) -> "CheckpointError":
+        return CheckpointError(f"saving {which} in {self.directory} failed: "
+                               f"{type(error).__name__}: {error}")
 
     def restore(self, step: int, abstract_state, data_iterator):
         """Returns the state at `step` (placed as `abstract_state` says); rewinds the iterator."""
@@ -100,8 +110,7 @@ class Checkpointer:
         try:
             self.manager.check_for_errors()
         except Exception as e:  # pylint: disable=broad-except
-            raise CheckpointError(f"saving a checkpoint in {self.directory} failed: "
-                                  f"{type(e).__name__}: {e}") from e
+            raise self._save_failed(e, f"step {self._last_step}") from e
 
     def restore_state(self, step: int, abstract_state):
         """The train state alone (for offline analysis, where no iterator exists)."""
@@ -110,7 +119,10 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until the saves in flight are committed; raises if one failed."""
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # pylint: disable=broad-except
+            raise self._save_failed(e, f"step {self._last_step}") from e
         self.check_for_errors()
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 Metrics stay on the device until a logging step, so no step waits for the host.
 """
+import contextlib
 import dataclasses
 import functools
 import json
@@ -468,11 +469,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, override
     """
     cfg = validate_config(config)
     workdir_path = epath.Path(workdir)
-    with workdir_lib.claim(workdir_path, config, allow_config_change) as changed:
-        return _train(config, cfg, workdir_path, overrides or {}, changed)
+    with workdir_lib.claim(workdir_path, config, allow_config_change) as changed, \
+            contextlib.ExitStack() as cleanup:
+        result = _train(config, cfg, workdir_path, overrides or {}, changed, cleanup)
+    # Here the saves in flight have finished (cleanup closed the checkpointer): the last
+    # checkpoint is complete.
+    if result.status == "finished":
+        logging.info("Trial finished at step %d: %s", result.step, json.dumps(result.metrics))
+    else:
+        logging.warning("Stopped at step %d after SIGTERM; the run resumes from there.", result.step)
+    return result
 
 
-def _train(config, cfg, workdir_path, overrides, changed) -> TrialResult:
+def _train(config, cfg, workdir_path, overrides, changed, cleanup: contextlib.ExitStack) -> TrialResult:
+    """The trial; what it opens is closed by `cleanup` however it ends (an open data iterator's
+    threads would keep the process alive after an error or Ctrl-C)."""
     workdir = str(workdir_path)
     mesh = sharding.make_mesh(config.mesh)
     check_batch_split(config, mesh)
@@ -486,11 +497,13 @@ def _train(config, cfg, workdir_path, overrides, changed) -> TrialResult:
 
     tok = tokenizer.get_tokenizer(config.data, cfg.vocab_size)
     train_iter = data.make_train_iterator(config, tok, jax.process_index(), jax.process_count())
+    cleanup.callback(train_iter.close)
     eval_batches = [sharding.global_batch(b, mesh) for b in data.make_eval_batches(
         config, tok, config.train.eval_batches, jax.process_index(), jax.process_count())]
 
     trainer = make_trainer(config, cfg, mesh)
     ckpt = checkpoint.Checkpointer(str(workdir_path / "checkpoints"), config.train.keep_checkpoints)
+    cleanup.callback(ckpt.close)           # waits for saves in flight
     state, start_step = ckpt.restore_latest(trainer.abstract_state, train_iter)
     if state is None:
         state, start_step = trainer.init_state(jax.random.key(config.seed)), 0
@@ -498,6 +511,7 @@ def _train(config, cfg, workdir_path, overrides, changed) -> TrialResult:
         logging.info("Resuming from the checkpoint at step %d", start_step)
 
     writer = summaries.SummaryWriter(str(workdir_path))
+    cleanup.callback(writer.close)
     if start_step == 0:
         writer.config(config)
     if jax.process_index() == 0:   # config.json: what `mla_rmt.analyze` rebuilds the model from
@@ -605,53 +619,43 @@ def _train(config, cfg, workdir_path, overrides, changed) -> TrialResult:
 
     status = "finished"
     result_written = False
-    try:
-        with Preemption(config.train.preemption_check_every) as preemption:
-            step = start_step
-            loop_start = time.perf_counter()
-            while step < num_steps:
-                batch = sharding.global_batch(next(train_iter), mesh)
-                state, metrics = trainer.step_for(step)(state, batch)
-                step += 1
-                window_steps += 1
-                spectra = metrics.pop("spectra", None)
-                if spectra is not None and (step - 1) % config.diagnostics.every == 0:
-                    pending_spectra.append((step - 1, spectra))
-                pending.append((step, metrics))
-                if probe_every and step % probe_every == 0:
-                    write_activations(step)
-                if step == start_step + 1:     # the first step includes compilation
-                    jax.block_until_ready(metrics)
-                    logging.info("First step (with compilation) took %.1fs", time.perf_counter() - loop_start)
-                    flush_metrics(step)
-                if step % config.train.log_every == 0 or step == num_steps:
-                    flush_metrics(step)
-                if step % config.train.eval_every == 0 or step == num_steps:
-                    last_eval = evaluate(step)
-                stop = preemption.should_stop(step) and step < num_steps
-                if step % config.train.checkpoint_every == 0 or step == num_steps or stop:
-                    flush_metrics(step)        # never checkpoint a state with a non-finite loss
-                    if not _all_finite(state.params):
-                        raise _non_finite("the parameters are not finite", step, workdir, ckpt)
-                    if step == num_steps or stop:   # the record of the run precedes its checkpoint
-                        status = "finished" if step == num_steps else "preempted"
-                        write_result(step, status)
-                        result_written = True
-                    writer.flush()             # every scalar so far is on disk before the commit
-                    ckpt.save(step, state, train_iter, force=True)
-                if stop:
-                    break
-            if not result_written:             # resumed from the final checkpoint: nothing ran
-                if not last_eval:
-                    last_eval = evaluate(step)
-                write_result(step, status)
-    finally:
-        ckpt.close()           # waits for saves in flight: the last good checkpoint is complete
-        writer.close()
-        train_iter.close()
-    metrics = final_metrics()
-    if status == "finished":
-        logging.info("Trial finished at step %d: %s", step, json.dumps(metrics))
-    else:
-        logging.warning("Stopped at step %d after SIGTERM; the run resumes from there.", step)
-    return TrialResult(status=status, step=step, metrics=metrics)
+    with Preemption(config.train.preemption_check_every) as preemption:
+        step = start_step
+        loop_start = time.perf_counter()
+        while step < num_steps:
+            batch = sharding.global_batch(next(train_iter), mesh)
+            state, metrics = trainer.step_for(step)(state, batch)
+            step += 1
+            window_steps += 1
+            spectra = metrics.pop("spectra", None)
+            if spectra is not None and (step - 1) % config.diagnostics.every == 0:
+                pending_spectra.append((step - 1, spectra))
+            pending.append((step, metrics))
+            if probe_every and step % probe_every == 0:
+                write_activations(step)
+            if step == start_step + 1:     # the first step includes compilation
+                jax.block_until_ready(metrics)
+                logging.info("First step (with compilation) took %.1fs", time.perf_counter() - loop_start)
+                flush_metrics(step)
+            if step % config.train.log_every == 0 or step == num_steps:
+                flush_metrics(step)
+            if step % config.train.eval_every == 0 or step == num_steps:
+                last_eval = evaluate(step)
+            stop = preemption.should_stop(step) and step < num_steps
+            if step % config.train.checkpoint_every == 0 or step == num_steps or stop:
+                flush_metrics(step)        # never checkpoint a state with a non-finite loss
+                if not _all_finite(state.params):
+                    raise _non_finite("the parameters are not finite", step, workdir, ckpt)
+                if step == num_steps or stop:   # the record of the run precedes its checkpoint
+                    status = "finished" if step == num_steps else "preempted"
+                    write_result(step, status)
+                    result_written = True
+                writer.flush()             # every scalar so far is on disk before the commit
+                ckpt.save(step, state, train_iter, force=True)
+            if stop:
+                break
+        if not result_written:             # resumed from the final checkpoint: nothing ran
+            if not last_eval:
+                last_eval = evaluate(step)
+            write_result(step, status)
+    return TrialResult(status=status, step=step, metrics=final_metrics())

@@ -22,7 +22,6 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from mla_rmt.model_config import ConfigError
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"
@@ -197,7 +196,7 @@ def claim(workdir: epath.Path, config: ml_collections.ConfigDict,
             else:
                 logging.warning("%s is not a local path: no lock keeps a second job out of it.", workdir)
             changed = check_config(workdir, config, allow_change)
-        except (WorkdirError, ConfigError) as e:
+        except Exception as e:  # pylint: disable=broad-except  (every process must hear of it)
             error = e
             if lock is not None:
                 lock.release()

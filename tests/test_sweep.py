@@ -106,7 +106,7 @@ def test_hparams_hold_the_swept_values_and_final_metrics(tiny_sweep_workdir):
         hparams = {k: _value(v) for k, v in plugin["_hparams_/session_start_info"][0]
                    .session_start_info.hparams.items()}
         assert hparams == {"model.attention.kind": kind, "model.attention.rope_fraction": fraction,
-                           "model.attention.remove_gap": False}, name
+                           "model.attention.remove_gap": False, "status": "finished"}, name
         experiment = plugin["_hparams_/experiment"][0].experiment
         assert sorted(m.name.tag for m in experiment.metric_infos) == sorted(FINAL), name
         assert plugin["_hparams_/session_end_info"][0].session_end_info.status == 1  # SUCCESS

@@ -277,11 +277,42 @@ def test_a_typo_in_an_override_is_a_short_error():
 def test_ctrl_c_stops_the_run_with_a_failure_status(tmp_path):
     proc = subprocess.Popen(main_command(tmp_path, "--config.train.num_steps=100000",
                                          "--config.train.log_every=1"),
-                            cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+                            cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, PYTHONFAULTHANDLER="1"))
     _wait_for(lambda: (tmp_path / "config.json").exists(), proc)    # about to train
     time.sleep(2)
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)          # faulthandler prints where every thread is
+        raise AssertionError("still running after Ctrl-C:\n" + proc.communicate()[1][-6000:]) from None
     assert proc.returncode not in (0, PREEMPTED_EXIT_CODE), stderr[-3000:]
     assert "KeyboardInterrupt" in stderr
     assert not (tmp_path / "result.json").exists()
+
+
+def _file_size_limit(limit_bytes):
+    """A child whose writes past limit_bytes fail with EFBIG, as on a full disk (Python ignores
+    SIGXFSZ, so the write raises rather than killing the process)."""
+    import resource  # pylint: disable=import-outside-toplevel
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+
+def test_a_failed_checkpoint_write_is_reported_naming_the_step_and_directory(tmp_path, data_cache):
+    from mla_rmt import presets, sweep, tokenizer  # pylint: disable=import-outside-toplevel
+    config = sweep.apply(presets.base_config(), {"data.seq_len": 32})
+    tokenizer.get_tokenizer(config.data, config.model.vocab_size)   # the cache, built unlimited
+    assert (data_cache / "tokenizers").is_dir()
+    proc = subprocess.Popen(main_command(tmp_path, "--config.train.num_steps=6", "--config.train.log_every=1",
+                                         "--config.train.checkpoint_every=2", "--config.train.eval_every=6"),
+                            cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            preexec_fn=_file_size_limit(1 << 20))   # arrays of the tiny state exceed 1 MiB
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 1, stderr[-3000:]
+    # named at the first check after the write failed: a log step, or the next save at the latest
+    assert re.search(r"saving step (2|4 or the save before it) in " + re.escape(str(tmp_path / "checkpoints"))
+                     + " failed", stderr), stderr[-3000:]
+    assert "File too large" in stderr
+    assert "step 5/" not in stderr                    # reported before the next save's step
+    assert not (tmp_path / "checkpoints" / "2").exists()
