@@ -138,10 +138,10 @@ def _parse_flags(argv):
     """absl's flag parsing, with a short message for a bad --config.a.b override."""
     try:
         return flags.FLAGS(argv)
-    except flags.Error:
-        return app.parse_flags_with_usage(argv)     # absl's own message and usage
+    except flags.Error as e:                    # absl's own message
+        sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        text = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split()).strip("'\"")
+        text = " ".join(str(e).replace("\\n", " ").replace("\\'", "").replace("'", "").split())
         overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
         named = [o for o in overrides if o.rsplit(".", 1)[-1] in text] or overrides
         sys.exit(f"FATAL Flags parsing error: {', '.join(named)}: {text}")

@@ -265,12 +265,17 @@ def test_a_batch_not_divisible_by_the_devices_names_the_field_before_compiling(t
     assert "First step" not in proc.stderr and not (tmp_path / "checkpoints").exists()
 
 
-def test_a_typo_in_an_override_is_a_short_error():
+@pytest.mark.parametrize("override, expected", [
+    ("--config.model.d_modle=3", ('--config.model.d_modle', 'Did you mean "d_model"')),
+    ("--config.train.num_steps=abc", ("--config.train.num_steps=abc", "invalid literal for int()")),
+])
+def test_a_bad_override_is_a_short_error(override, expected):
     proc = subprocess.run([sys.executable, "-m", "mla_rmt.main", f"--config={REPO / 'configs/llama.py:tiny'}",
-                           "--config.model.d_modle=3", "--workdir=unused"], cwd=REPO,
+                           override, "--workdir=unused"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "--config.model.d_modle" in proc.stderr and 'Did you mean "d_model"' in proc.stderr
+    assert proc.returncode == 1
+    for text in expected:
+        assert text in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 3, proc.stderr
 
 
