@@ -8,6 +8,7 @@ from, the fields that changed, and the whole config.
 
 `.lock` is held (flock) by the process that trains in the workdir. The kernel drops it when
 that process dies, so the lock of a killed run is taken over by the next start, which says so.
+Only file systems with flock are locked; an object-store workdir (gs://) is not, with a warning.
 """
 import contextlib
 import datetime
