@@ -300,6 +300,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
 class Preemption:
     """Turns SIGTERM into a flag the loop checks between steps, so it can save and exit.
 
+    Ctrl-C raises KeyboardInterrupt as usual and is also remembered: a KeyboardInterrupt raised
+    inside a callback from compiled code can be swallowed there, and the loop raises it again.
+
     With several processes the flag of one is not enough: all must save the same step (a
     checkpoint is one collective save). should_stop() reduces the flags over the processes
     every check_every steps (a small all-gather, the only host sync it adds), so every process
@@ -308,8 +311,10 @@ class Preemption:
 
     def __init__(self, check_every: int = 1):
         self.requested = False
+        self.interrupted = False
         self.check_every = check_every
         self._previous = None
+        self._previous_int = None
 
     def should_stop(self, step: int) -> bool:
         """Whether every process stops after `step`; called by all processes at every step."""
@@ -324,7 +329,12 @@ class Preemption:
 
     def __enter__(self):
         self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous_int = signal.signal(signal.SIGINT, self._interrupt)
         return self
+
+    def _interrupt(self, signum, frame):
+        self.interrupted = True
+        signal.default_int_handler(signum, frame)
 
     def _handle(self, signum, frame):
         del signum, frame
@@ -333,6 +343,7 @@ class Preemption:
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGTERM, self._previous)
+        signal.signal(signal.SIGINT, self._previous_int)
 
 
 @dataclasses.dataclass
@@ -623,6 +634,8 @@ def _train(config, cfg, workdir_path, overrides, changed, cleanup: contextlib.Ex
         step = start_step
         loop_start = time.perf_counter()
         while step < num_steps:
+            if preemption.interrupted:     # a Ctrl-C that something below swallowed
+                raise KeyboardInterrupt("Ctrl-C during training")
             batch = sharding.global_batch(next(train_iter), mesh)
             state, metrics = trainer.step_for(step)(state, batch)
             step += 1
