@@ -7,6 +7,7 @@ detection fills in the rest. A single process does nothing here.
 import os
 
 import jax
+import numpy as np
 from absl import logging
 
 
@@ -37,3 +38,12 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     jax.distributed.initialize(**kwargs)
     logging.info("Process %d of %d; %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when flag is True on any of them (a collective: every process
+    calls it at the same point)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))

@@ -3,14 +3,20 @@
 Fields are overridden with `--config.a.b=value` (for every trial). A config file that
 declares a sweep (`get_sweep`) runs each trial in turn in DIR/<swept values>/, or one with
 `--trial=N`; finished trials are skipped and unfinished ones resume from their checkpoint.
+
+A failing trial is reported and the next one runs; the exit status is 1 when any failed.
+After SIGTERM the running trial saves and the process exits with PREEMPTED_EXIT_CODE (75,
+EX_TEMPFAIL: run the same command again to resume).
 """
+import logging as py_logging
+import signal
 import sys
 
 from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from mla_rmt import distributed, hparams, sweep, train
+from mla_rmt import checkpoint, distributed, hparams, sweep, train, workdir as workdir_lib
 from mla_rmt.model_config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file[:arg].",
@@ -22,10 +28,29 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of proc
                                    "(multi-process runs without SLURM or a TPU slice).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "With --coordinator_address.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "With --coordinator_address.")
+_ALLOW_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a workdir whose recorded config differs in fields that "
+    "define the run (model, data, optim, seed); the change is logged and appended to the "
+    "workdir's config_history.jsonl.")
 flags.mark_flags_as_required(["config"])
 
-# Errors that end a trial with a message rather than a traceback.
-TRIAL_ERRORS = (ConfigError, FloatingPointError, FileNotFoundError, KeyError, ValueError)
+PREEMPTED_EXIT_CODE = 75
+# Errors that end a trial with a message rather than a traceback; any other exception ends it
+# with its traceback. Either way the next trial runs.
+TRIAL_ERRORS = (ConfigError, FloatingPointError, FileNotFoundError, KeyError, ValueError,
+                workdir_lib.WorkdirError, checkpoint.CheckpointError)
+
+
+class _Interrupt:
+    """Remembers Ctrl-C, so the sweep stops even if a library turned the KeyboardInterrupt into
+    another exception (which run_trial would take for a failed trial)."""
+
+    received = False
+
+    @classmethod
+    def handle(cls, signum, frame):
+        cls.received = True
+        signal.default_int_handler(signum, frame)
 
 
 def trials() -> list[tuple[str | None, dict]]:
@@ -37,20 +62,31 @@ def trials() -> list[tuple[str | None, dict]]:
 
 
 def run_trial(workdir: str, overrides: dict) -> str:
-    """Runs one trial to the end; returns 'finished', 'skipped', 'preempted' or 'failed'."""
-    if (epath.Path(workdir) / "result.json").exists():
+    """Runs one trial to the end; returns 'finished', 'skipped', 'preempted' or 'failed'.
+
+    Every failure is contained here (KeyboardInterrupt and SystemExit are not failures).
+    """
+    if workdir_lib.finished(epath.Path(workdir)):
         logging.info("Trial %s already finished: skipping.", workdir)
         return "skipped"
-    config = sweep.apply(_CONFIG.value, overrides)
-    logging.info("Trial %s %s", workdir, overrides)
+    config, error = None, None
     try:
-        result = train.train_and_evaluate(config, workdir)
+        config = sweep.apply(_CONFIG.value, overrides)
+        logging.info("Trial %s %s", workdir, overrides)
+        return train.train_and_evaluate(config, workdir, overrides, _ALLOW_CHANGE.value).status
     except TRIAL_ERRORS as e:
+        error = e
         logging.error("Trial %s failed: %s: %s", workdir, type(e).__name__, e)
-        return "failed"
-    if result.status == "finished":
-        hparams.write(workdir, config, overrides, result.metrics, result.step)
-    return result.status
+    except Exception as e:  # pylint: disable=broad-except
+        error = e
+        logging.exception("Trial %s failed: %s: %s", workdir, type(e).__name__, e)
+    # The HParams row says so, unless the workdir belongs to another job or config.
+    if config is not None and not isinstance(error, workdir_lib.WorkdirError):
+        try:
+            hparams.write(workdir, config, overrides, {}, 0, "failed")
+        except Exception:  # pylint: disable=broad-except
+            logging.exception("Could not record the failure of %s in its HParams entry", workdir)
+    return "failed"
 
 
 def main(argv):
@@ -71,10 +107,13 @@ def main(argv):
                                  f"(0..{len(all_trials) - 1}).")
         selected = [selected[_TRIAL.value]]
 
+    signal.signal(signal.SIGINT, _Interrupt.handle)
     statuses = {}
     for i, (name, overrides) in selected:
         workdir = str(epath.Path(_WORKDIR.value) / name) if name else _WORKDIR.value
         statuses[name or workdir] = status = run_trial(workdir, overrides)
+        if _Interrupt.received:
+            raise KeyboardInterrupt(f"interrupted during trial {workdir}")
         if status == "preempted":
             break                      # SIGTERM: stop here; a rerun resumes this trial
     if len(selected) > 1:
@@ -82,8 +121,32 @@ def main(argv):
     failed = [n for n, s in statuses.items() if s == "failed"]
     if failed:
         logging.error("%d trial(s) failed: %s", len(failed), ", ".join(failed))
+    if "preempted" in statuses.values():
+        sys.exit(PREEMPTED_EXIT_CODE)
+    if failed:
         sys.exit(1)
 
 
+class _QuietOrbax(py_logging.Filter):
+    """Keeps orbax's per-checkpoint INFO lines out of the log; its warnings and errors stay."""
+
+    def filter(self, record):
+        return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with a short message for a bad --config.a.b override."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:                    # absl's own message
+        sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        text = " ".join(str(e).replace("\\n", " ").replace("\\'", "").replace("'", "").split())
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        named = [o for o in overrides if o.rsplit(".", 1)[-1] in text] or overrides
+        sys.exit(f"FATAL Flags parsing error: {', '.join(named)}: {text}")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    logging.get_absl_handler().addFilter(_QuietOrbax())
+    app.run(main, flags_parser=_parse_flags)

@@ -83,6 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_batches = 8
     t.checkpoint_every = 100
     t.keep_checkpoints = 3
+    t.preemption_check_every = 10  # multi-process: steps between agreeing on a SIGTERM (a
+                                   # small all-gather); the stop waits for the next such step
     t.peak_flops_per_device = 0.0  # for perf/mfu; 0 = look up the device kind (none on CPU)
     t.microbatch_size = 0         # rows per gradient-accumulation microbatch (0 = the whole batch)
     t.loss_chunk_tokens = 8192    # LM head + loss over sequence chunks of at most this many

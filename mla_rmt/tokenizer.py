@@ -8,6 +8,7 @@ split, an EOS id and no BOS. Layout: 0 = <unk>, 1 = </s> (EOS), 2..257 = bytes, 
 import io
 import os
 import time
+import uuid
 from typing import Iterable, Iterator
 
 import ml_collections
@@ -45,6 +46,9 @@ def load(path: str) -> spm.SentencePieceProcessor:
     try:
         if not p.exists():
             raise FileNotFoundError(f"config.data.tokenizer_path: no SentencePiece model at {path!r}")
+        if p.is_dir():
+            raise ConfigError(f"config.data.tokenizer_path: {path!r} is a directory, not a "
+                              "SentencePiece model file")
         return spm.SentencePieceProcessor(model_proto=p.read_bytes())
     except ImportError as e:   # gs:// through etils.epath needs gcsfs
         raise ConfigError(f"config.data.tokenizer_path: cannot read {path!r} ({e}); gs:// paths "
@@ -68,9 +72,11 @@ def _cached_or_trained(data_config, vocab_size) -> spm.SentencePieceProcessor:
     texts = data.iter_texts(data_config, data_config.train_split, max_chars=TRAIN_MAX_CHARS)
     proto = train(texts, vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{path.name}.tmp{os.getpid()}"   # write then rename: readers never see half
+    # Write then replace: readers never see half a model, and of processes training at once
+    # (trials started together on a fresh cache) the last replace wins with the same bytes.
+    tmp = path.parent / f"{path.name}.tmp-{uuid.uuid4().hex}"
     tmp.write_bytes(proto)
-    tmp.rename(path)
+    tmp.replace(path)
     logging.info("Trained a %d-piece tokenizer on %s/%s in %.1f s -> %s", vocab_size,
                  data_config.source, data_config.train_split, time.perf_counter() - start, path)
     return spm.SentencePieceProcessor(model_proto=proto)

@@ -2,6 +2,7 @@
 
 Metrics stay on the device until a logging step, so no step waits for the host.
 """
+import contextlib
 import dataclasses
 import functools
 import json
@@ -19,7 +20,8 @@ import optax
 from absl import logging
 from etils import epath
 
-from mla_rmt import activations, attention, checkpoint, data, diagnostics, plots, sharding, summaries, tokenizer
+from mla_rmt import (activations, attention, checkpoint, data, diagnostics, distributed, hparams, plots,
+                     sharding, summaries, tokenizer, workdir as workdir_lib)
 from mla_rmt.model import Transformer, flops_per_token, param_count
 from mla_rmt.model_config import ConfigError, ModelConfig
 
@@ -271,7 +273,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     cfg = ModelConfig.from_config(config.model)
     t = config.train
     for field in ("num_steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
-                  "keep_checkpoints"):
+                  "keep_checkpoints", "preemption_check_every"):
         if t[field] <= 0:
             raise ConfigError(f"config.train.{field}: must be positive, got {t[field]}")
     for field in ("seq_len", "global_batch_size"):
@@ -296,15 +298,43 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
 
 
 class Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps, so it can save and exit."""
+    """Turns SIGTERM into a flag the loop checks between steps, so it can save and exit.
 
-    def __init__(self):
+    Ctrl-C raises KeyboardInterrupt as usual and is also remembered: a KeyboardInterrupt raised
+    inside a callback from compiled code can be swallowed there, and the loop raises it again.
+
+    With several processes the flag of one is not enough: all must save the same step (a
+    checkpoint is one collective save). should_stop() reduces the flags over the processes
+    every check_every steps (a small all-gather, the only host sync it adds), so every process
+    stops at the first such step after any of them received SIGTERM.
+    """
+
+    def __init__(self, check_every: int = 1):
         self.requested = False
+        self.interrupted = False
+        self.check_every = check_every
         self._previous = None
+        self._previous_int = None
+
+    def should_stop(self, step: int) -> bool:
+        """Whether every process stops after `step`; called by all processes at every step."""
+        if jax.process_count() == 1:
+            return self.requested
+        if step % self.check_every:
+            return False
+        stop = distributed.any_process(self.requested)
+        if stop and not self.requested:
+            logging.warning("Another process received SIGTERM: saving a checkpoint and stopping.")
+        return stop
 
     def __enter__(self):
         self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous_int = signal.signal(signal.SIGINT, self._interrupt)
         return self
+
+    def _interrupt(self, signum, frame):
+        self.interrupted = True
+        signal.default_int_handler(signum, frame)
 
     def _handle(self, signum, frame):
         del signum, frame
@@ -313,6 +343,7 @@ class Preemption:
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGTERM, self._previous)
+        signal.signal(signal.SIGINT, self._previous_int)
 
 
 @dataclasses.dataclass
@@ -344,8 +375,8 @@ def _non_finite(what: str, step: int, workdir: str, ckpt: checkpoint.Checkpointe
     return FloatingPointError(
         f"{what} at step {step}: stopping this trial. Nothing after the last good checkpoint "
         f"was saved (step {ckpt.latest_step()} in {workdir}/checkpoints). Lower "
-        "config.optim.learning_rate or enable config.optim.clip_norm, then run again to "
-        "resume from it.")
+        "config.optim.learning_rate or enable config.optim.clip_norm, then run again with "
+        "--allow_config_change to resume from it.")
 
 
 def _check_finite(rows: list[dict], workdir: str, ckpt: checkpoint.Checkpointer) -> None:
@@ -382,6 +413,16 @@ class Trainer:
         return self.plain_step
 
 
+def check_batch_split(config: ml_collections.ConfigDict, mesh) -> int:
+    """The devices the batch is split over (data x fsdp); raises unless they divide it."""
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.data.global_batch_size % batch_devices:
+        raise ConfigError(f"config.data.global_batch_size: {config.data.global_batch_size} rows do "
+                          f"not split over the {batch_devices} devices of the mesh's data x fsdp "
+                          "axes; make it a multiple of them")
+    return batch_devices
+
+
 def make_trainer(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh) -> Trainer:
     model = Transformer(cfg)
     optimizer = make_optimizer(config)
@@ -398,7 +439,7 @@ def make_trainer(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh) -> T
         spectra_fn = functools.partial(diagnostics.weight_spectra, cfg=cfg, specs=specs)
 
     micro = int(config.train.get("microbatch_size", 0))
-    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_devices = check_batch_split(config, mesh)
     if 0 < micro < config.data.global_batch_size and micro % batch_devices:
         raise ConfigError(f"config.train.microbatch_size: {micro} rows do not split over the "
                           f"{batch_devices} devices of the mesh's data x fsdp axes")
@@ -429,12 +470,34 @@ def make_trainer(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh) -> T
         step_fn=step_fn)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrialResult:
-    """Trains one trial in `workdir`, resuming from its latest checkpoint if there is one."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overrides: dict | None = None,
+                       allow_config_change: bool = False) -> TrialResult:
+    """Trains one trial in `workdir`, resuming from its newest checkpoint that restores.
+
+    The workdir is held for the run (workdir.claim): a second job in it, or a resume under a
+    config that trains something else, is refused. `overrides` are the trial's swept values,
+    shown in the HParams table.
+    """
     cfg = validate_config(config)
     workdir_path = epath.Path(workdir)
-    workdir_path.mkdir(parents=True, exist_ok=True)
+    with workdir_lib.claim(workdir_path, config, allow_config_change) as changed, \
+            contextlib.ExitStack() as cleanup:
+        result = _train(config, cfg, workdir_path, overrides or {}, changed, cleanup)
+    # Here the saves in flight have finished (cleanup closed the checkpointer): the last
+    # checkpoint is complete.
+    if result.status == "finished":
+        logging.info("Trial finished at step %d: %s", result.step, json.dumps(result.metrics))
+    else:
+        logging.warning("Stopped at step %d after SIGTERM; the run resumes from there.", result.step)
+    return result
+
+
+def _train(config, cfg, workdir_path, overrides, changed, cleanup: contextlib.ExitStack) -> TrialResult:
+    """The trial; what it opens is closed by `cleanup` however it ends (an open data iterator's
+    threads would keep the process alive after an error or Ctrl-C)."""
+    workdir = str(workdir_path)
     mesh = sharding.make_mesh(config.mesh)
+    check_batch_split(config, mesh)
     num_steps = config.train.num_steps
     tokens_per_step = config.data.global_batch_size * config.data.seq_len
 
@@ -445,23 +508,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trial
 
     tok = tokenizer.get_tokenizer(config.data, cfg.vocab_size)
     train_iter = data.make_train_iterator(config, tok, jax.process_index(), jax.process_count())
+    cleanup.callback(train_iter.close)
     eval_batches = [sharding.global_batch(b, mesh) for b in data.make_eval_batches(
         config, tok, config.train.eval_batches, jax.process_index(), jax.process_count())]
 
     trainer = make_trainer(config, cfg, mesh)
     ckpt = checkpoint.Checkpointer(str(workdir_path / "checkpoints"), config.train.keep_checkpoints)
-    start_step = ckpt.latest_step()
-    if start_step is None:
+    cleanup.callback(ckpt.close)           # waits for saves in flight
+    state, start_step = ckpt.restore_latest(trainer.abstract_state, train_iter)
+    if state is None:
         state, start_step = trainer.init_state(jax.random.key(config.seed)), 0
     else:
         logging.info("Resuming from the checkpoint at step %d", start_step)
-        state = ckpt.restore(start_step, trainer.abstract_state, train_iter)
 
     writer = summaries.SummaryWriter(str(workdir_path))
+    cleanup.callback(writer.close)
     if start_step == 0:
         writer.config(config)
-    if jax.process_index() == 0:   # what `mla_rmt.analyze` rebuilds the model from
-        (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=1))
+    if jax.process_index() == 0:   # config.json: what `mla_rmt.analyze` rebuilds the model from
+        workdir_lib.record_config(workdir_path, config, start_step, changed)
 
     peak = _peak_flops(config)
     flops_token = flops_per_token(cfg, config.data.seq_len)
@@ -533,6 +598,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trial
             write_spectra(params_step, jax.device_get(spectra))
         pending_spectra.clear()
         _check_finite(rows, workdir, ckpt)
+        ckpt.check_for_errors()        # a failed async save is reported now, naming the directory
         for row in rows:
             writer.scalars(row["step"], {k: v for k, v in row.items() if k != "step"})
         if not rows:
@@ -552,46 +618,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trial
                          _format_seconds(seconds * (num_steps - step)))
         window_start, window_steps = now, 0
 
+    def final_metrics():
+        return {**{k: v for k, v in last_train.items() if k != "step"}, **last_eval, **last_spectra}
+
+    def write_result(step, status):
+        """result.json (finished trials) and the HParams row, flushed with every scalar so far."""
+        metrics = final_metrics()
+        if jax.process_index() == 0 and status == "finished":
+            (workdir_path / workdir_lib.RESULT_FILE).write_text(json.dumps({"step": step, **metrics}, indent=1))
+        hparams.write(workdir, config, overrides, metrics, step, status)
+
     status = "finished"
-    try:
-        with Preemption() as preemption:
-            step = start_step
-            loop_start = time.perf_counter()
-            while step < num_steps:
-                batch = sharding.global_batch(next(train_iter), mesh)
-                state, metrics = trainer.step_for(step)(state, batch)
-                step += 1
-                window_steps += 1
-                spectra = metrics.pop("spectra", None)
-                if spectra is not None and (step - 1) % config.diagnostics.every == 0:
-                    pending_spectra.append((step - 1, spectra))
-                pending.append((step, metrics))
-                if probe_every and step % probe_every == 0:
-                    write_activations(step)
-                if step == start_step + 1:     # the first step includes compilation
-                    jax.block_until_ready(metrics)
-                    logging.info("First step (with compilation) took %.1fs", time.perf_counter() - loop_start)
-                    flush_metrics(step)
-                if step % config.train.log_every == 0 or step == num_steps:
-                    flush_metrics(step)
-                if step % config.train.eval_every == 0 or step == num_steps:
-                    last_eval = evaluate(step)
-                if step % config.train.checkpoint_every == 0 or step == num_steps or preemption.requested:
-                    flush_metrics(step)        # never checkpoint a state with a non-finite loss
-                    if not _all_finite(state.params):
-                        raise _non_finite("the parameters are not finite", step, workdir, ckpt)
-                    ckpt.save(step, state, train_iter, force=True)
-                if preemption.requested and step < num_steps:
-                    status = "preempted"
-                    break
-    finally:
-        ckpt.close()           # waits for saves in flight: the last good checkpoint is complete
-        writer.close()
-        train_iter.close()
-    metrics = {**{k: v for k, v in last_train.items() if k != "step"}, **last_eval, **last_spectra}
-    if status == "finished":
-        (workdir_path / "result.json").write_text(json.dumps({"step": step, **metrics}, indent=1))
-        logging.info("Trial finished at step %d: %s", step, json.dumps(metrics))
-    else:
-        logging.warning("Stopped at step %d after SIGTERM; the run resumes from there.", step)
-    return TrialResult(status=status, step=step, metrics=metrics)
+    result_written = False
+    with Preemption(config.train.preemption_check_every) as preemption:
+        step = start_step
+        loop_start = time.perf_counter()
+        while step < num_steps:
+            if preemption.interrupted:     # a Ctrl-C that something below swallowed
+                raise KeyboardInterrupt("Ctrl-C during training")
+            batch = sharding.global_batch(next(train_iter), mesh)
+            state, metrics = trainer.step_for(step)(state, batch)
+            step += 1
+            window_steps += 1
+            spectra = metrics.pop("spectra", None)
+            if spectra is not None and (step - 1) % config.diagnostics.every == 0:
+                pending_spectra.append((step - 1, spectra))
+            pending.append((step, metrics))
+            if probe_every and step % probe_every == 0:
+                write_activations(step)
+            if step == start_step + 1:     # the first step includes compilation
+                jax.block_until_ready(metrics)
+                logging.info("First step (with compilation) took %.1fs", time.perf_counter() - loop_start)
+                flush_metrics(step)
+            if step % config.train.log_every == 0 or step == num_steps:
+                flush_metrics(step)
+            if step % config.train.eval_every == 0 or step == num_steps:
+                last_eval = evaluate(step)
+            stop = preemption.should_stop(step) and step < num_steps
+            if step % config.train.checkpoint_every == 0 or step == num_steps or stop:
+                flush_metrics(step)        # never checkpoint a state with a non-finite loss
+                if not _all_finite(state.params):
+                    raise _non_finite("the parameters are not finite", step, workdir, ckpt)
+                if step == num_steps or stop:   # the record of the run precedes its checkpoint
+                    status = "finished" if step == num_steps else "preempted"
+                    write_result(step, status)
+                    result_written = True
+                writer.flush()             # every scalar so far is on disk before the commit
+                ckpt.save(step, state, train_iter, force=True)
+            if stop:
+                break
+        if not result_written:             # resumed from the final checkpoint: nothing ran
+            if not last_eval:
+                last_eval = evaluate(step)
+            write_result(step, status)
+    return TrialResult(status=status, step=step, metrics=final_metrics())

@@ -294,6 +294,15 @@ def test_text_files_glob_without_match_names_the_field(tok, tmp_path):
         data.make_train_iterator(c, tok)
 
 
+def test_a_single_document_corpus_gets_the_modules_message(tok, tmp_path):
+    (tmp_path / "only.txt").write_text("In the beginning was one document.\n")
+    (tmp_path / "blank.txt").write_text("  \n")
+    c = make_config(source="text_files", text_glob=str(tmp_path / "*.txt"),
+                    data_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=r"config\.data\.text_glob: 2 file\(s\) make fewer than 2"):
+        data.make_train_iterator(c, tok)
+
+
 # --- tfds ----------------------------------------------------------------------------------
 
 

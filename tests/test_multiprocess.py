@@ -11,8 +11,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import time
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -20,6 +22,7 @@ import pytest
 from conftest import REPO, main_command, read_scalars, run_main
 
 from mla_rmt import data, presets, tokenizer
+from mla_rmt.main import PREEMPTED_EXIT_CODE
 from mla_rmt.model_config import ConfigError
 
 FIRST, TOTAL = 4, 8      # the two processes train FIRST steps; one process continues to TOTAL
@@ -48,25 +51,30 @@ def _host(process: int) -> str:
     return f"mla-rmt-process-{process}"
 
 
-def _run_two_processes(workdir, logdir, *overrides, timeout=300) -> list[str]:
-    """Runs main as processes 0 and 1 of one job; returns their logs (stdout and stderr)."""
+def _start_two_processes(workdir, logdir, *overrides) -> tuple[list, list]:
+    """Starts main as processes 0 and 1 of one job; returns the processes and their log files."""
     port = _free_port()
     procs, logs = [], [logdir / f"process_{i}.log" for i in range(2)]
+    for i in range(2):
+        site = logdir / f"site_{i}"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(SITECUSTOMIZE.format(host=_host(i)))
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(site),
+                                                            os.environ.get("PYTHONPATH")])))
+        env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                    if not f.startswith("--xla_force_host_platform_device_count"))
+        with open(logs[i], "w", encoding="utf-8") as log:
+            procs.append(subprocess.Popen(
+                main_command(workdir, *overrides, f"--coordinator_address=127.0.0.1:{port}",
+                             "--num_processes=2", f"--process_id={i}"),
+                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs, logs
+
+
+def _wait_all(procs, logs, timeout=300, expected=0) -> list[str]:
+    """Waits for the processes (killing any left at the end); returns their logs."""
     try:
-        for i in range(2):
-            site = logdir / f"site_{i}"
-            site.mkdir()
-            (site / "sitecustomize.py").write_text(SITECUSTOMIZE.format(host=_host(i)))
-            env = dict(os.environ, JAX_PLATFORMS="cpu",
-                       PYTHONPATH=os.pathsep.join(filter(None, [str(site),
-                                                                os.environ.get("PYTHONPATH")])))
-            env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                        if not f.startswith("--xla_force_host_platform_device_count"))
-            with open(logs[i], "w", encoding="utf-8") as log:
-                procs.append(subprocess.Popen(
-                    main_command(workdir, *overrides, f"--coordinator_address=127.0.0.1:{port}",
-                                 "--num_processes=2", f"--process_id={i}"),
-                    cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
         for proc in procs:
             proc.wait(timeout=timeout)
     finally:
@@ -76,8 +84,13 @@ def _run_two_processes(workdir, logdir, *overrides, timeout=300) -> list[str]:
                 proc.wait()
     texts = [log.read_text() for log in logs]
     for i, (proc, text) in enumerate(zip(procs, texts)):
-        assert proc.returncode == 0, f"process {i} exited {proc.returncode}:\n{text[-4000:]}"
+        assert proc.returncode == expected, f"process {i} exited {proc.returncode}:\n{text[-4000:]}"
     return texts
+
+
+def _run_two_processes(workdir, logdir, *overrides, timeout=300) -> list[str]:
+    """Runs main as processes 0 and 1 of one job; returns their logs (stdout and stderr)."""
+    return _wait_all(*_start_two_processes(workdir, logdir, *overrides), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +138,8 @@ def test_two_processes_lose_like_one(runs):
 
 def test_only_process_0_writes_summaries(runs):
     files = sorted(p.name for p in runs["two"].glob("events.out.tfevents.*"))
-    assert not [f for f in files if f.endswith(_host(1))], files
-    assert [f for f in files if f.endswith(_host(0))] == files
+    assert not [f for f in files if _host(1) in f], files
+    assert [f for f in files if _host(0) in f] == files
     assert len(files) == 2, files                     # the training summaries and the HParams
     versions, steps = _event_counts(runs["two"])      # each step logged once, no file garbled
     assert versions == len(files)
@@ -217,3 +230,33 @@ def test_data_position_is_per_shard_and_names_a_num_shards_mismatch(data_cache, 
     with pytest.raises(ConfigError, match=r"config\.data\.num_shards.*shard_0-of-1\.json"):
         handler.restore(directory, data.ShardStateRestore(other))
     other.close()
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(runs, tmp_path):
+    """One process gets SIGTERM; the two agree on a step, both save it and exit preempted."""
+    del runs                                  # its one-process run built the session's cache
+    workdir, logdir = tmp_path / "run", tmp_path / "logs"
+    logdir.mkdir()
+    check_every = 3
+    procs, logs = _start_two_processes(workdir, logdir, *COMMON, "--config.train.num_steps=100000",
+                                       "--config.train.checkpoint_every=1000",
+                                       f"--config.train.preemption_check_every={check_every}")
+    try:
+        deadline = time.time() + 300
+        while "step 4/" not in logs[0].read_text():      # training, past the first check step
+            assert time.time() < deadline and all(p.poll() is None for p in procs), \
+                [log.read_text()[-3000:] for log in logs]
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGTERM)
+    finally:
+        texts = _wait_all(procs, logs, timeout=300, expected=PREEMPTED_EXIT_CODE)
+    assert "SIGTERM received" in texts[1] and "Another process received SIGTERM" in texts[0]
+    stopped = [int(re.search(r"Stopped at step (\d+) after SIGTERM", t).group(1)) for t in texts]
+    assert stopped[0] == stopped[1] and stopped[0] % check_every == 0, stopped
+    step = stopped[0]
+    with ocp.CheckpointManager(workdir / "checkpoints") as manager:
+        assert list(manager.all_steps()) == [step]
+    positions = sorted(p.name for p in (workdir / "checkpoints" / str(step) / "data").glob("*.json"))
+    assert positions == ["shard_0-of-2.json", "shard_1-of-2.json"]        # both processes saved
+    assert sorted(read_scalars(workdir)["train/loss"]) == list(range(1, step + 1))
+    assert not (workdir / "result.json").exists()

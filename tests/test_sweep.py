@@ -7,6 +7,7 @@ import ast
 import functools
 import json
 import math
+import os
 import pathlib
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import sys
 import time
 
 import numpy as np
-from conftest import REPO, TINY_SWEEP, read_scalars, run_main
+from conftest import REPO, TINY_SWEEP, main_command, read_scalars, run_main
 
 from mla_rmt import sweep
 
@@ -110,7 +111,7 @@ def test_hparams_hold_the_swept_values_and_final_metrics(tiny_sweep_workdir):
         hparams = {k: _value(v) for k, v in plugin["_hparams_/session_start_info"][0]
                    .session_start_info.hparams.items()}
         assert hparams == {"model.attention.kind": kind, "model.attention.rope_fraction": fraction,
-                           "model.attention.remove_gap": False}, name
+                           "model.attention.remove_gap": False, "status": "finished"}, name
         experiment = plugin["_hparams_/experiment"][0].experiment
         assert sorted(m.name.tag for m in experiment.metric_infos) == sorted(FINAL), name
         assert plugin["_hparams_/session_end_info"][0].session_end_info.status == 1  # SUCCESS
@@ -210,3 +211,65 @@ def test_a_failed_trial_does_not_stop_the_others_and_fails_the_sweep(tmp_path, d
     assert f"  failed    {broken}" in proc.stderr
     assert f"1 trial(s) failed: {broken}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+THREE_TRIALS = '''"""Three trials of the tiny RoPE-budget sweep."""
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location("rope_budget_sweep", {path!r})
+_base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_base)
+
+
+def get_config(arg="tiny"):
+    return _base.get_config(arg)
+
+
+def get_sweep(arg="tiny"):
+    trials = _base.get_sweep(arg)
+    return [trials[0], trials[4], trials[-1]]
+'''
+SHORT = ("--config.train.num_steps=3", "--config.train.log_every=1", "--config.train.eval_every=3",
+         "--config.train.checkpoint_every=3", "--config.diagnostics.every=0")
+
+
+def _three_trials(tmp_path) -> str:
+    config = tmp_path / "three_trials.py"
+    config.write_text(THREE_TRIALS.format(path=str(REPO / "configs/rope_budget_sweep.py")))
+    return str(config) + ":tiny"
+
+
+def test_an_unexpected_error_in_the_middle_trial_is_contained_and_recorded(tmp_path, data_cache):
+    del data_cache
+    workdir = tmp_path / "sweep"
+    broken = workdir / "kind=mla_prerope,rope_fraction=0.5"
+    broken.mkdir(parents=True)
+    (broken / "checkpoints").write_text("a file where the checkpoints directory should be")
+    proc = run_main(workdir, *SHORT, config=_three_trials(tmp_path))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    for name in ("kind=mha,rope_fraction=0.25", "kind=mha,rope_fraction=0"):   # before and after it
+        assert json.loads((workdir / name / "result.json").read_text())["step"] == 3, name
+        assert f"  finished  {name}" in proc.stderr
+    assert f"Trial {broken} failed: " in proc.stderr
+    assert "Traceback" in proc.stderr                 # an unexpected error keeps its traceback
+    assert f"  failed    {broken.name}" in proc.stderr and f"1 trial(s) failed: {broken.name}" in proc.stderr
+    plugin = hparams_data(broken)                     # the failed trial is a row of the table
+    start = plugin["_hparams_/session_start_info"][0].session_start_info
+    assert start.hparams["status"].string_value == "failed"
+    assert start.hparams["model.attention.kind"].string_value == "mla_prerope"
+    assert plugin["_hparams_/session_end_info"][0].session_end_info.status == 2     # FAILURE
+
+
+def test_two_trials_started_together_on_a_fresh_cache_both_succeed(tmp_path):
+    env = dict(os.environ, MLA_RMT_CACHE=str(tmp_path / "fresh_cache"))
+    workdir = tmp_path / "sweep"
+    procs = [subprocess.Popen(main_command(workdir, *SHORT, f"--trial={i}", config=_three_trials(tmp_path)),
+                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    logs = [p.communicate(timeout=900)[1] for p in procs]
+    for proc, log in zip(procs, logs):
+        assert proc.returncode == 0, log[-3000:]
+    for name in ("kind=mha,rope_fraction=0.25", "kind=mla_prerope,rope_fraction=0.5"):
+        assert json.loads((workdir / name / "result.json").read_text())["step"] == 3, name
+    assert len(list((tmp_path / "fresh_cache" / "tokenizers").glob("*.model"))) == 1
+    assert not list((tmp_path / "fresh_cache" / "tokenizers").glob("*.tmp*"))

@@ -71,3 +71,8 @@ def test_tokenizer_path_errors_name_the_field_and_path(tmp_path):
 def test_too_small_vocab_names_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"config\.model\.vocab_size"):
         tokenizer.get_tokenizer(data_config(data_dir=str(tmp_path)), 200)
+
+
+def test_a_directory_as_tokenizer_path_names_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"config\.data\.tokenizer_path: .* is a directory"):
+        tokenizer.get_tokenizer(data_config(tokenizer_path=str(tmp_path)), VOCAB)

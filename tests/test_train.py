@@ -1,14 +1,22 @@
 """The trainer end to end through `python -m mla_rmt.main`: resume, preemption, NaN, summaries."""
+import json
 import math
+import os
 import re
+import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, main_command, read_scalars, run_main
+from conftest import FAST, REPO, main_command, read_scalars, run_main
+from kill_during_save import POINTS
+from test_sweep import hparams_data
+
+from mla_rmt.main import PREEMPTED_EXIT_CODE
 
 STEPS = 40
 COMMON = (f"--config.train.num_steps={STEPS}", "--config.train.log_every=1",
@@ -65,6 +73,8 @@ def test_summaries_have_train_eval_perf_tags(uninterrupted):
 def test_log_reports_progress(uninterrupted):
     _, proc = uninterrupted
     assert "tok/s" in proc.stderr and "ETA" in proc.stderr and "parameters" in proc.stderr
+    # orbax's INFO lines (dozens per checkpoint) stay out of the user's log
+    assert "checkpoint_manager.py" not in proc.stderr and "[process=0]" not in proc.stderr
 
 
 def test_sigkill_then_resume_reproduces_losses(uninterrupted, tmp_path):
@@ -80,6 +90,7 @@ def test_sigkill_then_resume_reproduces_losses(uninterrupted, tmp_path):
     resumed = run_main(tmp_path, *COMMON)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from the checkpoint at step" in resumed.stderr
+    assert f'Taking over the lock of {{"host": "{os.uname().nodename}", "pid": {proc.pid}}}' in resumed.stderr
     losses = read_scalars(tmp_path)["train/loss"]
     assert sorted(losses) == sorted(reference)
     np.testing.assert_allclose([losses[s] for s in sorted(losses)],
@@ -87,20 +98,29 @@ def test_sigkill_then_resume_reproduces_losses(uninterrupted, tmp_path):
     assert STEPS in _restore_all(tmp_path)
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+def test_a_second_job_is_refused_and_sigterm_saves_and_exits_preempted(tmp_path):
     overrides = ("--config.train.num_steps=100000", "--config.train.checkpoint_every=5",
                  "--config.train.log_every=1")
     proc = subprocess.Popen(main_command(tmp_path, *overrides), cwd=REPO, stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, text=True)
     _wait_for(lambda: (tmp_path / "checkpoints" / "5").exists(), proc)
+    second = run_main(tmp_path, *overrides, "--config.seed=1")
+    assert second.returncode == 1, second.stderr[-3000:]
+    assert f"{tmp_path} is in use by {{\"host\"" in second.stderr and f'"pid": {proc.pid}' in second.stderr
+    assert "Traceback" not in second.stderr and "Model:" not in second.stderr
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 0
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
     assert "SIGTERM" in stderr
     steps = _restore_all(tmp_path)
     stopped_at = max(steps)
     assert stopped_at >= 5
     assert not (tmp_path / "result.json").exists()   # not finished: a rerun resumes
+    assert sorted(read_scalars(tmp_path)["train/loss"]) == list(range(1, stopped_at + 1))
+    start = hparams_data(tmp_path)["_hparams_/session_start_info"][0].session_start_info
+    assert start.hparams["status"].string_value == "preempted"
+    assert hparams_data(tmp_path)["_hparams_/session_end_info"][0].session_end_info.status == 3  # RUNNING
     resumed = run_main(tmp_path, "--config.train.num_steps=%d" % (stopped_at + 2),
                        "--config.train.checkpoint_every=5")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -136,3 +156,168 @@ def test_bad_config_fails_before_compilation_naming_the_field(tmp_path, override
     assert proc.returncode == 1
     assert field in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "checkpoints").exists()
+
+
+def _copy_unfinished(uninterrupted, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], workdir)
+    (workdir / "result.json").unlink()        # as if killed just before the end
+    return workdir
+
+
+def test_resuming_under_another_run_config_is_refused_unless_allowed(uninterrupted, tmp_path):
+    workdir = _copy_unfinished(uninterrupted, tmp_path)
+    record = (workdir / "config.json").read_text()
+    changes = ("--config.model.attention.rope_fraction=0.5", "--config.model.attention.remove_gap=True")
+    proc = run_main(workdir, *COMMON, *changes)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "config.model.attention.rope_fraction: 1.0 in the record, 0.5 now" in proc.stderr
+    assert "config.model.attention.remove_gap: False in the record, True now" in proc.stderr
+    assert str(workdir) in proc.stderr and "Traceback" not in proc.stderr
+    assert (workdir / "config.json").read_text() == record and not (workdir / "result.json").exists()
+
+    allowed = run_main(workdir, *COMMON, *changes, "--allow_config_change")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "under a changed config (--allow_config_change)" in allowed.stderr
+    last = json.loads((workdir / "config_history.jsonl").read_text().splitlines()[-1])
+    assert last["start_step"] == STEPS
+    assert last["changed"] == {"model.attention.remove_gap": [False, True],
+                               "model.attention.rope_fraction": [1.0, 0.5]}
+    assert json.loads((workdir / "config.json").read_text())["model"]["attention"]["rope_fraction"] == 0.5
+    # resumed at its last step: the result is the final evaluation, not an empty record
+    result = json.loads((workdir / "result.json").read_text())
+    assert result["step"] == STEPS and math.isfinite(result["eval/loss"])
+
+
+def _damage(step_dir):
+    """Truncates the array files of a checkpoint step, as a failed disk would leave them."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert files
+    for path in files:
+        with open(path, "r+b") as f:
+            f.truncate(100)
+
+
+def test_a_damaged_latest_checkpoint_is_skipped_for_the_one_before(uninterrupted, tmp_path):
+    reference = read_scalars(uninterrupted[0])["train/loss"]
+    workdir = _copy_unfinished(uninterrupted, tmp_path)
+    _damage(workdir / "checkpoints" / str(STEPS))
+    proc = run_main(workdir, *COMMON)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Checkpoint {workdir / 'checkpoints' / str(STEPS)} does not restore" in proc.stderr
+    assert "Resuming from the checkpoint at step 30" in proc.stderr
+    assert (workdir / "checkpoints" / f"{STEPS}.damaged").is_dir()      # kept, moved aside
+    losses = read_scalars(workdir)["train/loss"]
+    np.testing.assert_allclose([losses[s] for s in range(31, STEPS + 1)],
+                               [reference[s] for s in range(31, STEPS + 1)], rtol=0, atol=1e-6)
+    assert STEPS in _restore_all(workdir)
+
+
+def test_when_no_checkpoint_restores_the_error_names_the_directory(uninterrupted, tmp_path):
+    workdir = _copy_unfinished(uninterrupted, tmp_path)
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    for step in steps:
+        _damage(workdir / "checkpoints" / str(step))
+    proc = run_main(workdir, *COMMON)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"no checkpoint in {workdir / 'checkpoints'} restores" in proc.stderr
+    for step in steps:
+        assert f"{workdir / 'checkpoints' / str(step)}: " in proc.stderr
+        assert (workdir / "checkpoints" / str(step)).is_dir()          # nothing moved or lost
+
+
+KILL_STEPS = 4
+KILL_COMMON = (f"--config.train.num_steps={KILL_STEPS}", "--config.train.log_every=1",
+               "--config.train.eval_every=2", "--config.train.checkpoint_every=2")
+
+
+@pytest.mark.parametrize("point, step", [(p, KILL_STEPS) for p in POINTS] + [("in_flight", 2)])
+def test_a_kill_during_a_checkpoint_keeps_every_scalar_logged_before_it(tmp_path, point, step):
+    command = [sys.executable, str(REPO / "tests" / "kill_during_save.py"), point, str(step),
+               *main_command(tmp_path, *KILL_COMMON)[3:]]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    scalars = read_scalars(tmp_path)
+    assert sorted(scalars["train/loss"]) == list(range(1, step + 1))
+    assert sorted(scalars["eval/loss"]) == list(range(2, step + 1, 2))
+    if step < KILL_STEPS:
+        return
+    # The final record precedes the final checkpoint.
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["step"] == KILL_STEPS
+    assert result["eval/loss"] == pytest.approx(scalars["eval/loss"][KILL_STEPS], rel=1e-6)
+    assert scalars["final/eval_loss"][KILL_STEPS] == pytest.approx(result["eval/loss"], rel=1e-6)
+    if point != "before_commit":
+        return
+    resumed = run_main(tmp_path, *KILL_COMMON)      # not taken for finished: it resumes
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from the checkpoint at step 2" in resumed.stderr
+    assert KILL_STEPS in _restore_all(tmp_path)
+    assert len(hparams_data(tmp_path)["_hparams_/session_start_info"]) == 1   # one HParams row
+
+
+def test_a_batch_not_divisible_by_the_devices_names_the_field_before_compiling(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run(main_command(tmp_path, "--config.data.global_batch_size=7"), cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "config.data.global_batch_size: 7 rows do not split over the 2 devices" in proc.stderr
+    assert "First step" not in proc.stderr and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("--config.model.d_modle=3", ('--config.model.d_modle', 'Did you mean "d_model"')),
+    ("--config.train.num_steps=abc", ("--config.train.num_steps=abc", "invalid literal for int()")),
+])
+def test_a_bad_override_is_a_short_error(override, expected):
+    proc = subprocess.run([sys.executable, "-m", "mla_rmt.main", f"--config={REPO / 'configs/llama.py:tiny'}",
+                           override, "--workdir=unused"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    for text in expected:
+        assert text in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 3, proc.stderr
+
+
+def test_ctrl_c_stops_the_run_with_a_failure_status(tmp_path):
+    proc = subprocess.Popen(main_command(tmp_path, "--config.train.num_steps=100000",
+                                         "--config.train.log_every=1"),
+                            cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, PYTHONFAULTHANDLER="1"))
+    _wait_for(lambda: (tmp_path / "config.json").exists(), proc)    # about to train
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)          # faulthandler prints where every thread is
+        raise AssertionError("still running after Ctrl-C:\n" + proc.communicate()[1][-6000:]) from None
+    assert proc.returncode not in (0, PREEMPTED_EXIT_CODE), stderr[-3000:]
+    assert "KeyboardInterrupt" in stderr
+    assert not (tmp_path / "result.json").exists()
+
+
+def _file_size_limit(limit_bytes):
+    """A child whose writes past limit_bytes fail with EFBIG, as on a full disk (Python ignores
+    SIGXFSZ, so the write raises rather than killing the process)."""
+    import resource  # pylint: disable=import-outside-toplevel
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+
+def test_a_failed_checkpoint_write_is_reported_naming_the_step_and_directory(tmp_path, data_cache):
+    from mla_rmt import presets, sweep, tokenizer  # pylint: disable=import-outside-toplevel
+    config = sweep.apply(presets.base_config(), {"data.seq_len": 32})
+    tokenizer.get_tokenizer(config.data, config.model.vocab_size)   # the cache, built unlimited
+    assert (data_cache / "tokenizers").is_dir()
+    proc = subprocess.Popen(main_command(tmp_path, "--config.train.num_steps=6", "--config.train.log_every=1",
+                                         "--config.train.checkpoint_every=2", "--config.train.eval_every=6"),
+                            cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            preexec_fn=_file_size_limit(1 << 20))   # arrays of the tiny state exceed 1 MiB
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 1, stderr[-3000:]
+    # named at the first check after the write failed: a log step, or the next save at the latest
+    assert re.search(r"saving step (2|4 or the save before it) in " + re.escape(str(tmp_path / "checkpoints"))
+                     + " failed", stderr), stderr[-3000:]
+    assert "File too large" in stderr
+    assert "step 5/" not in stderr                    # reported before the next save's step
+    assert not (tmp_path / "checkpoints" / "2").exists()
