@@ -12,7 +12,7 @@ words and tokens per corpus and split, the tokenizer's hash: the same in every c
 scalars.<trials>.json.gz, which `python bench/export_scalars.py --merge` joins into
 scalars.json.gz.
 
-    python bench/replication.py --workdir=/tmp/rep --out=$OUT --trials=0-8   # configs/replication.py
+    python bench/replication.py --workdir=/tmp/rep --out=$OUT --trials=0-5   # configs/replication.py
 """
 import argparse
 import hashlib
