@@ -90,7 +90,8 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--run", default="replication_prose", help="results/<run>/ under --out")
     parser.add_argument("--trials", default="", help="indices: '0-8', '0,3,5' (default all)")
-    parser.add_argument("--deadline", type=float, default=480.0, help="seconds until SIGTERM")
+    parser.add_argument("--deadline", type=float, default=450.0,
+                        help="seconds until SIGTERM (the device's 600 s per call, less setup and export)")
     args = parser.parse_args()
     start = time.time()
     trial_env = dict(os.environ)

@@ -57,7 +57,8 @@ def get_config(arg: str = "gpu"):
     t.keep_checkpoints = 1
     g = config.diagnostics
     g.every = 50                  # spectra at steps 0, 50, ..., 1100; activation probes at 50, ...
-    g.images_every = 1100         # ESD figures at steps 0 and 1100 only: the host is shared
+    g.images_every = 1150         # ESD figures at step 0 only (past the last spectra step): they
+                                  # render on the host, which six trials share
     if arg == "tiny":             # the same pipeline in a minute on a CPU
         d.seq_len, d.global_batch_size = 64, 8
         t.num_steps, t.eval_batches, t.checkpoint_every = 21, 2, 21
