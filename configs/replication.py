@@ -22,7 +22,8 @@ steps read 97% of the smallest shard. Spectra every 50 steps from step 0 to 1100
 trained model. config.data.max_epochs = 1 makes the trainer refuse a step count that would
 read a token twice (mla_rmt.data.check_epochs).
 
-    python bench/replication.py --workdir=/tmp/rep --out=$OUT --trials=0-8   # GPU, side by side
+    python bench/replication.py --workdir=/tmp/rep --out=$OUT --trials=0-5   # GPU: seed 0, then
+    python bench/replication.py --workdir=/tmp/rep --out=$OUT --trials=6-11  # 6-11 and 12-17
     python -m mla_rmt.main --config=configs/replication.py:tiny --workdir=/tmp/rep --trial=0  # CPU
 """
 from mla_rmt import presets
@@ -60,12 +61,13 @@ def get_config(arg: str = "gpu"):
     g = config.diagnostics
     g.matrices = MATRICES
     g.every = 50                  # spectra at steps 0, 50, ..., 1100; activation probes at 50, ...
-    g.images_every = 1100         # ESD figures at steps 0 and 1100 only: the host is shared
+    g.images_every = 1150         # ESD figures at step 0 only (past the last spectra step): they
+                                  # render on the host, which six trials share
     if arg == "tiny":             # the same pipeline in a minute on a CPU
         d.seq_len, d.global_batch_size = 64, 8
         t.num_steps, t.eval_batches, t.checkpoint_every = 21, 2, 21
         t.log_every = t.eval_every = g.every = 10
-        g.images_every = 20
+        g.images_every = 30       # step 0 only, as above
         config.optim.learning_rate, config.optim.warmup_steps = 3e-3, 5
     return config
 

@@ -19,7 +19,9 @@ from etils import epath
 from mla_rmt import data
 from mla_rmt.model_config import ConfigError
 
-RECIPE = "bpe_bytes_v1"         # part of the cache key: change it when the training recipe changes
+RECIPE = "bpe_bytes_v2"         # part of the cache key: change it when the training recipe changes
+TRAIN_THREADS = 1               # the trained model depends on the trainer's thread count: fixed,
+                                # every machine trains the same model from the same corpus
 TRAIN_MAX_CHARS = 20_000_000    # text read for training (the whole KJV is ~4M)
 MAX_LINE_CHARS = 8_192          # longer lines are cut into pieces for the trainer
 
@@ -103,7 +105,7 @@ def train(texts: Iterable[str], vocab_size: int) -> bytes:
             normalization_rule_name="identity", remove_extra_whitespaces=False,
             split_digits=True, allow_whitespace_only_pieces=True,
             input_sentence_size=0, shuffle_input_sentence=False,  # every line, in order
-            max_sentence_length=4 * MAX_LINE_CHARS, num_threads=min(8, os.cpu_count() or 1),
+            max_sentence_length=4 * MAX_LINE_CHARS, num_threads=TRAIN_THREADS,
             minloglevel=2)
     except RuntimeError as e:
         raise ConfigError(f"config.model.vocab_size: cannot train a {vocab_size}-piece tokenizer "
