@@ -41,6 +41,7 @@ import pathlib
 from typing import Iterator
 
 import ml_collections
+import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -99,7 +100,7 @@ def _field(config: dict, path: pathlib.Path, name: str, kind=int, default=None, 
     try:
         value = kind(value)
     except (TypeError, ValueError):
-        raise CheckpointError(f"{path}: field {name!r} = {value!r} is not a {kind.__name__}") from None
+        raise CheckpointError(f"{path}: field {name!r} = {value!r} must be {'an integer' if kind is int else 'a number'}") from None
     if kind is int and value < 0:
         raise CheckpointError(f"{path}: field {name!r} = {value} must be >= 0")
     return value
@@ -228,6 +229,20 @@ def _fp8_block(ckpt: HFCheckpoint) -> tuple[int, int]:
     return tuple(q.get("weight_block_size", (128, 128)))
 
 
+_FP8 = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+
+
+def _read_fp8(file: pathlib.Path, name: str, dtype) -> np.ndarray:
+    """One fp8 tensor, read by its header entry (safetensors' numpy loader has no fp8 dtypes):
+    the file is an 8-byte header length, a JSON header {name: {shape, data_offsets}}, the data."""
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        entry = json.loads(f.read(header_len))[name]
+        start, stop = entry["data_offsets"]
+        f.seek(8 + header_len + start)
+        return np.frombuffer(f.read(stop - start), dtype).reshape(entry["shape"])
+
+
 def read_tensor(ckpt: HFCheckpoint, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """One tensor as float32, checked against the shape the config implies."""
     if name not in ckpt.files:
@@ -237,7 +252,8 @@ def read_tensor(ckpt: HFCheckpoint, name: str, shape: tuple[int, ...]) -> np.nda
     with safe_open(str(file), framework="numpy") as f:
         if name not in f.keys():
             raise CheckpointError(f"{file}: tensor {name!r} is missing (listed in {ckpt.index_source})")
-        x = f.get_tensor(name)
+        dtype = f.get_slice(name).get_dtype()
+        x = _read_fp8(file, name, _FP8[dtype]) if dtype in _FP8 else f.get_tensor(name)
     if tuple(x.shape) != tuple(shape):
         raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(x.shape)}, but "
                               f"{ckpt.config_path} implies {tuple(shape)}")
