@@ -21,12 +21,11 @@ import json
 import pathlib
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags
 from etils import epath
 
-from mla_rmt import checkpoint, diagnostics, hf_checkpoint, plots, sharding, spectral, summaries, tail_fit, train
+from mla_rmt import diagnostics, hf_checkpoint, plots, spectral, summaries, tail_fit, trial
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trial's directory (holds config.json and checkpoints/).")
 _HF = flags.DEFINE_string("hf", None, "A Hugging Face model directory: config.json and *.safetensors "
@@ -47,34 +46,6 @@ TABLE_METRICS = ("mp_gap", "outlier_count", "outlier_energy", "stable_rank", "st
                  "spectral_entropy", "lambda_plus", "lambda_max")
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    path = epath.Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no config.json; is {workdir} a trial directory written "
-                                "by mla_rmt.main? (a sweep's trials are its subdirectories)")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def restore(workdir: str, step: int | None = None):
-    """(config, ModelConfig, params, step) of one checkpoint of a trial."""
-    config = load_config(workdir)
-    cfg = train.validate_config(config)
-    mesh = sharding.make_mesh(config.mesh)
-    trainer = train.make_trainer(config, cfg, mesh)
-    ckpt = checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), keep=1 << 30)
-    try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to analyse")
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise ValueError(f"--step={step}: no such checkpoint in {workdir}; there are {steps}")
-        state = ckpt.restore_state(step, trainer.abstract_state)
-    finally:
-        ckpt.close()
-    return config, cfg, state.params, step
-
-
 def result_of(step: int, spectra: dict, fit_tails: bool = True) -> dict:
     """The JSON of an analysis: scalars (TensorBoard tags), per-layer metrics, tail fits."""
     out = {"step": step,
@@ -91,7 +62,7 @@ def analyze(workdir: str, step: int | None = None, matrices: str | None = None,
             null: str | None = None, fit_tails: bool = True) -> dict:
     """{'step', 'scalars': the TensorBoard scalars, 'layers': {matrix: {metric: [L] (or [L, H])}},
     'tail_fit': {matrix: {field: [L] (or [L, H])}}} of one checkpoint of a trial."""
-    config, cfg, params, step = restore(workdir, step)
+    config, cfg, params, step = trial.restore(workdir, step)
     if matrices is not None:
         config.diagnostics.matrices = matrices
     if null is not None:

@@ -6,7 +6,7 @@ how the layouts correspond). `python -m mla_rmt.analyze --hf=OUT` then gives the
 """
 from absl import app, flags
 
-from mla_rmt import analyze, hf_checkpoint
+from mla_rmt import hf_checkpoint, trial
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trial's directory (holds config.json and checkpoints/).", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -16,7 +16,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "The directory to write (config.js
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    _, cfg, params, step = analyze.restore(_WORKDIR.value, _STEP.value)
+    _, cfg, params, step = trial.restore(_WORKDIR.value, _STEP.value)
     hf_checkpoint.hf_config_of(cfg)        # fails here, before anything is written, for mla_prerope
     out = hf_checkpoint.export(params, cfg, _OUTPUT.value)
     print(f"step {step} of {_WORKDIR.value} ({cfg.kind}) written to {out}")

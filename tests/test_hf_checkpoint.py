@@ -292,8 +292,10 @@ def _trial(workdir: pathlib.Path, **attention_fields):
         w = np.asarray(w)
         if w.ndim < 3:
             return w
-        u = rng.standard_normal((w.shape[0], w.shape[1], 1))
-        return (w + 0.5 * u * rng.standard_normal((w.shape[0], 1, *w.shape[2:]))).astype(w.dtype)
+        u = rng.standard_normal(w.shape[:2])[:, :, None]                 # one spike per layer
+        v = rng.standard_normal((w.shape[0], 1, int(np.prod(w.shape[2:]))))
+        spike = (u * v / np.sqrt(w.shape[1])).reshape(w.shape)
+        return (w + spike).astype(w.dtype)
 
     params = jax.tree.map(plant, state.params)
     state = state.replace(params=jax.device_put(params, trainer.state_shardings.params))
@@ -304,10 +306,14 @@ def _trial(workdir: pathlib.Path, **attention_fields):
     return config, cfg, params
 
 
-@pytest.mark.parametrize("fields", [dict(kind="gqa", num_kv_heads=2, rope_fraction=0.5),
-                                    dict(kind="mla_decoupled", rope_fraction=0.25, q_latent_dim=32,
-                                         kv_latent_dim=24)], ids=["gqa", "mla_decoupled"])
-def test_trained_model_gives_the_same_numbers_through_both_paths(tmp_path, fields):
+# mla_decoupled: the two branches, whose null laws are analytic (the whole-head matrices' laws
+# are sampled from the kind's init, minutes on this CPU); the weights behind every matrix are
+# checked equal bit for bit below.
+@pytest.mark.parametrize("fields,matrices", [
+    (dict(kind="gqa", num_kv_heads=2, rope_fraction=0.5), "qk_gram,qk_circuit"),
+    (dict(kind="mla_decoupled", rope_fraction=0.25, q_latent_dim=32, kv_latent_dim=24),
+     "qk_gram_content,qk_gram_rope")], ids=["gqa", "mla_decoupled"])
+def test_trained_model_gives_the_same_numbers_through_both_paths(tmp_path, fields, matrices):
     workdir = tmp_path / "trial"
     workdir.mkdir()
     _, cfg, params = _trial(workdir, **fields)
@@ -323,36 +329,39 @@ def test_trained_model_gives_the_same_numbers_through_both_paths(tmp_path, field
         for name, w in back.items():
             np.testing.assert_array_equal(w, params["layers"]["attention"][name][layer], err_msg=name)
 
-    trial = analyze.analyze(str(workdir))
+    trial = analyze.analyze(str(workdir), matrices=matrices)
     output = tmp_path / "out" / "spectra.json"
     proc = subprocess.run([sys.executable, "-m", "mla_rmt.analyze", f"--hf={exported}",
-                           f"--output={output}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                           f"--output={output}", f"--matrices={matrices}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "alpha" in proc.stdout and "qk_circuit" in proc.stdout
+    first, last = matrices.split(",")
+    assert "alpha" in proc.stdout and last in proc.stdout
     hf = json.loads(output.read_text())
     assert hf["source"]["kind"] == cfg.kind and trial["step"] == 3
-    assert set(hf["scalars"]) == set(trial["scalars"]) and len(hf["scalars"]) > 100
+    assert set(hf["scalars"]) == set(trial["scalars"]) and len(hf["scalars"]) >= 100
+    # Bit-identical weights; what differs is fp32 rounding, layers vmapped vs one at a time.
     for tag, value in trial["scalars"].items():
-        np.testing.assert_allclose(hf["scalars"][tag], value, rtol=2e-5, atol=1e-6, err_msg=tag)
+        np.testing.assert_allclose(hf["scalars"][tag], value, rtol=1e-3, atol=1e-6, err_msg=tag)
     for name, fits in trial["tail_fit"].items():
         assert hf["tail_fit"][name]["status"] == fits["status"]
         np.testing.assert_allclose(np.asarray(hf["tail_fit"][name]["alpha"], float),
-                                   np.asarray(fits["alpha"], float), rtol=1e-4, err_msg=name)
-    assert any(s == "ok" for s in np.ravel(hf["tail_fit"]["qk_gram"]["status"]))
+                                   np.asarray(fits["alpha"], float), rtol=1e-3, err_msg=name)
+    assert any(s == "ok" for s in np.ravel(hf["tail_fit"][first]["status"]))
 
     # The TensorBoard run: the training tags, the histograms and the ESD figures.
     from conftest import read_scalars  # pylint: disable=import-outside-toplevel
     logged = read_scalars(output.parent)
     for tag, value in hf["scalars"].items():
         assert logged[tag] == {0: pytest.approx(value, rel=1e-6, abs=1e-6)}, tag
-    assert any(t.startswith("tail_fit/qk_gram/alpha/layer_") for t in logged)
+    assert any(t.startswith(f"tail_fit/{first}/alpha/layer_") for t in logged)
     from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
     events = next(output.parent.glob("events.out.tfevents.*"))
     acc = event_accumulator.EventAccumulator(str(events), size_guidance={"images": 0, "histograms": 0})
     acc.Reload()
-    assert "spectral/qk_circuit/eigenvalues/layer_02" in acc.Tags()["histograms"]
-    assert "spectral/qk_circuit/esd/layer_02" in acc.Tags()["images"]
-    assert (output.parent / "esd" / "qk_gram_layer_00.png").stat().st_size > 1000
+    assert f"spectral/{last}/eigenvalues/layer_02" in acc.Tags()["histograms"]
+    assert f"spectral/{last}/esd/layer_02" in acc.Tags()["images"]
+    assert (output.parent / "esd" / f"{first}_layer_00.png").stat().st_size > 1000
 
 
 def test_exported_llama_is_the_same_model(tmp_path):
@@ -474,16 +483,17 @@ def test_cli_names_the_bad_field_and_writes_nothing(tmp_path):
 # Memory: one layer at a time ----------------------------------------------------------------------
 
 def test_host_memory_is_one_layer_not_the_model(tmp_path):
-    """tracemalloc peak of the whole analysis: 2 layers vs 8 layers of 4 MiB of attention each."""
-    layer_bytes = 4 * 256 * 1024 * 4          # q, k, v, o: 4 x [256, 1024] fp32
+    """tracemalloc peak of the whole analysis: 2 layers vs 8 layers of 2 MiB of attention each."""
+    layer_bytes = 4 * 256 * 512 * 4          # q, k, v, o: 4 x [256, 512] fp32
     peaks = {}
     for layers in (2, 8):
-        write_llama(tmp_path / str(layers), np.random.default_rng(layers), layers=layers, d=1024,
+        write_llama(tmp_path / str(layers), np.random.default_rng(layers), layers=layers, d=512,
                     h=4, g=4, hd=64)
-        analyze.analyze_hf(str(tmp_path / str(layers)), fit_tails=False)   # null laws cached
+        run = lambda: analyze.analyze_hf(str(tmp_path / str(layers)), "qk_circuit", fit_tails=False)
+        run()                                 # null laws and caches warm
         tracemalloc.start()
-        analyze.analyze_hf(str(tmp_path / str(layers)), fit_tails=False)
+        run()
         peaks[layers] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peaks[8] < peaks[2] + 0.5 * layer_bytes, peaks
-    assert peaks[8] < 4 * layer_bytes, peaks
+    assert peaks[8] < 3 * layer_bytes, peaks
