@@ -81,7 +81,9 @@ class HFCheckpoint:
                 "d_model": self.cfg.d_model, "num_heads": self.cfg.num_heads,
                 "d_head": self.cfg.d_head, "rope_dims": self.cfg.rope_dims,
                 "num_kv_heads": self.cfg.num_kv_heads, "q_latent_dim": self.cfg.q_latent_dim,
-                "kv_latent_dim": self.cfg.kv_latent_dim, "ignored": self.ignored()}
+                "kv_latent_dim": self.cfg.kv_latent_dim, "ignored": self.ignored(),
+                # Frequencies do not enter the maps (rotary dims are read at offset 0).
+                "rope_scaling": c.get("rope_scaling")}
 
     def ignored(self) -> list[str]:
         """Tensors of layer 0's attention that are read by no map (biases)."""
@@ -130,19 +132,20 @@ def model_config(hf_config: dict, path: pathlib.Path) -> tuple[str, ModelConfig]
     m = presets.base_config().model
     m.num_layers = f("num_hidden_layers")
     m.d_model, m.num_heads = d, h
-    m.mlp_dim = f("intermediate_size", default=1) or 1     # not read by the attention maps
-    m.vocab_size = f("vocab_size", default=1) or 1
+    m.mlp_dim = f("intermediate_size", required=False) or 1     # not read by the attention maps
+    m.vocab_size = f("vocab_size", required=False) or 1
     m.rope_theta = _rope_theta(hf_config, path)
-    m.norm_eps = f("rms_norm_eps", kind=float, default=1e-6)
+    m.norm_eps = f("rms_norm_eps", kind=float, required=False) or 1e-6
     m.dtype = m.param_dtype = "float32"
     a = m.attention
     if family == "llama":
-        m.d_head = f("head_dim", default=d // h) or d // h
-        g = f("num_key_value_heads", default=h) or h
+        m.d_head = f("head_dim", required=False) or d // h
+        g = f("num_key_value_heads", required=False) or h
         if h % g:
             raise CheckpointError(f"{path}: field 'num_key_value_heads' = {g} must divide "
                                   f"'num_attention_heads' = {h}")
-        factor = f("partial_rotary_factor", kind=float, default=1.0)
+        factor = f("partial_rotary_factor", kind=float, default=1.0, required=False)
+        factor = 1.0 if factor is None else factor
         rope_dims = int(m.d_head * factor)          # as Hugging Face sizes the rotary part
         if not 0.0 <= factor <= 1.0 or rope_dims % 2:
             raise CheckpointError(f"{path}: field 'partial_rotary_factor' = {factor} gives "
