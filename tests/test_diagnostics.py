@@ -196,14 +196,16 @@ def test_ranks_are_structural_and_no_zero_is_analysed(rng, kind, q_latent):
 @pytest.mark.parametrize("kind", KINDS)
 def test_init_sits_inside_every_default_null(rng, kind):
     """Fresh init draws (not the null's own): mean outlier_count <= 0.3 and mean mp_gap <= 0.05
-    for every default matrix, analytic and sampled nulls alike (tiny model shape)."""
+    for every default matrix, analytic and sampled nulls alike (tiny model shape). The expected
+    count is ~0.17-0.26 (a per-layer matrix gives one sample per draw, sd ~0.45 each), so the
+    mean is taken over enough draws for the bound to test the law, not the sampling noise."""
     cfg = make_cfg(kind, 0.5, d=128, heads=4, d_head=32, kv_latent=64)
     specs = diagnostics.matrices(cfg)
     module = attention.get(kind)(cfg)
     x, pos = jnp.zeros((1, 1, cfg.d_model)), jnp.zeros((1, 1), jnp.int32)
     run = jax.jit(jax.vmap(lambda key: diagnostics.spectra_of_maps(
         *module.qk_maps(cfg, module.init(key, x, pos)["params"]), specs)))
-    draws = 100
+    draws = 300
     got = run(jax.random.split(jax.random.key(int(rng.integers(1 << 30))), draws))
     for m in specs:
         count = float(np.mean(got[m.name]["outlier_count"]))
