@@ -10,10 +10,10 @@ real train step (`mla_rmt.train.make_trainer`: chunked loss, gradient accumulati
 one block_until_ready at each end of the window. Modes:
 
   off                 diagnostics off (no lax.cond compiled at all)
-  every250            weight spectra of all matrices every 250 steps (configs/rope_budget_sweep.py),
+  every250            weight spectra of the default matrices every 250 steps (configs/rope_budget_sweep.py),
                       timed as the trainer runs it: a window of 250 steps, one with the spectra
                       (the lax.cond step) and 249 with the plain step (the executable of "off")
-  all_every1          spectra of all matrices every step
+  all_every1          spectra of the default matrices every step
   qk_circuit_every1   spectra of the per-head qk_circuit only, every step
 
 every250 and all_every1 share one executable (`every` is a traced argument), so each kind

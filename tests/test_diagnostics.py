@@ -177,7 +177,6 @@ def test_ranks_are_structural_and_no_zero_is_analysed(rng, kind, q_latent):
         cfg = make_cfg(kind, f, q_latent=q_latent)
         wq, wk = maps_float64(cfg, init_params(cfg, int(rng.integers(1 << 30))))
         specs = diagnostics.available(cfg)
-        laws = {m.name: m for m in diagnostics.matrices(cfg, "product", tuple(s.name for s in specs))}
         for spec in specs:
             ref = squared_singular_values(explicit_matrices(spec, wq, wk))      # [n, min(r, c)]
             rank = np.sum(ref > 1e-10 * ref[..., :1], axis=-1)
@@ -187,7 +186,7 @@ def test_ranks_are_structural_and_no_zero_is_analysed(rng, kind, q_latent):
             assert got.shape[-1] == spec.rank
             top = ref[..., :spec.rank]
             assert np.all(np.abs(got - top) <= 1e-4 * top[..., :1]), (kind, f, spec.name)
-            metrics_ = spectral.mp_metrics(got, None, laws[spec.name].null)
+            metrics_ = spectral.mp_metrics(got, None, spectral.NullLaw(3.0, 0.8))   # any law
             np.testing.assert_allclose(metrics_["stable_rank_frac"] * spec.rank,
                                        top.sum(-1) / top[..., 0], rtol=1e-4)
 
@@ -197,14 +196,16 @@ def test_ranks_are_structural_and_no_zero_is_analysed(rng, kind, q_latent):
 @pytest.mark.parametrize("kind", KINDS)
 def test_init_sits_inside_every_default_null(rng, kind):
     """Fresh init draws (not the null's own): mean outlier_count <= 0.3 and mean mp_gap <= 0.05
-    for every default matrix, analytic and sampled nulls alike (tiny model shape)."""
+    for every default matrix, analytic and sampled nulls alike (tiny model shape). The expected
+    count is ~0.17-0.26 (a per-layer matrix gives one sample per draw, sd ~0.45 each), so the
+    mean is taken over enough draws for the bound to test the law, not the sampling noise."""
     cfg = make_cfg(kind, 0.5, d=128, heads=4, d_head=32, kv_latent=64)
     specs = diagnostics.matrices(cfg)
     module = attention.get(kind)(cfg)
     x, pos = jnp.zeros((1, 1, cfg.d_model)), jnp.zeros((1, 1), jnp.int32)
     run = jax.jit(jax.vmap(lambda key: diagnostics.spectra_of_maps(
         *module.qk_maps(cfg, module.init(key, x, pos)["params"]), specs)))
-    draws = 100
+    draws = 300
     got = run(jax.random.split(jax.random.key(int(rng.integers(1 << 30))), draws))
     for m in specs:
         count = float(np.mean(got[m.name]["outlier_count"]))

@@ -372,10 +372,16 @@ def test_init_sits_inside_the_product_null(rng, preset, construction):
 
 def test_classical_mp_framing_flags_the_init_bulk(rng):
     """Why null='product' is the default: plain MP(d_qk/d_in) calls ~11% of the init bulk of
-    qk_circuit (130M) outliers (the tail of MP⊠MP beyond the median-matched MP edge)."""
+    qk_circuit (130M) outliers with a plain median fit (the tail of MP⊠MP beyond the MP edge),
+    ~19% with the trimmed fit, which keeps trimming a tail the wrong law cannot hold."""
     eigs, dims = init_spectra(rng, "mha_circuit", 768, 12, 64, 384, 10)
     frac = float(np.mean(sp.mp_metrics(eigs, sp.chain_gammas(dims), "mp")["outlier_count"])) / 64
-    assert 0.06 < frac < 0.16, frac
+    law = sp.null_law(sp.chain_gammas(dims), "mp")
+    eigs = np.asarray(eigs)
+    plain = np.mean(eigs > (np.median(eigs, -1) / law.median * law.edge)[..., None])
+    print(f"MP framing flags {frac:.3f} of the init bulk (plain median fit: {plain:.3f})")
+    assert 0.06 < plain < 0.16 and 0.1 < frac < 0.3, (plain, frac)
+    assert np.mean(sp.mp_metrics(eigs, sp.chain_gammas(dims))["outlier_count"]) / 64 < 0.02
 
 
 # Planted structure ---------------------------------------------------------------------------
@@ -437,29 +443,34 @@ def test_lambda_plus_is_robust_to_outliers_holding_70pct_energy(rng):
 @pytest.mark.parametrize("planted", [4, 16, 24])
 def test_robust_bulk_scale_with_planted_values_holding_70pct_energy(rng, planted):
     """Null spectra of the 130M circuit (p = 64, float64 Gaussian chains); `planted` of the 64
-    values, chosen at random, scaled up until they hold 70% of the energy. The trimmed median
-    match keeps lambda_plus within 10% of the clean spectrum's; plain median matching does not
-    (it moves by ~+5/+25/+49%)."""
-    dims, draws = (768, 64, 768), 8
+    values, chosen at random, replaced by values above the null's edge holding 70% of the energy. The trimmed median
+    match keeps lambda_plus within 10% of the clean spectrum's on average over draws (one draw's
+    bulk is 40-60 values, whose median carries ~8% sampling noise, so a single draw gets 20%);
+    plain median matching does not (it moves by ~+5/+25/+49%)."""
+    dims, draws = (768, 64, 768), 16
     gammas = sp.chain_gammas(dims)
     law = sp.null_law(gammas)
     clean = chain_eigs(rng, dims, draws)
     spiked = clean.copy()
-    for i in range(draws):
+    for i in range(draws):   # `planted` values, at random places, leave the bulk
         idx = rng.choice(64, planted, replace=False)
         rest = np.delete(clean[i], idx).sum()
-        spiked[i, idx] *= 0.7 * rest / (0.3 * clean[i, idx].sum())
+        spread = rng.uniform(1.0, 2.0, planted)
+        spiked[i, idx] = spread * 0.7 * rest / (0.3 * spread.sum())
     share = np.sort(spiked, -1)[:, -planted:].sum(-1) / spiked.sum(-1)
-    assert np.all(share >= 0.7 - 1e-9)
+    np.testing.assert_allclose(share, 0.7, rtol=1e-9)
+    edge = law.edge * np.median(clean, -1) / law.median
+    assert np.all(np.sort(spiked, -1)[:, -planted] > edge)         # all above the null's edge
     got = sp.mp_metrics(spiked.astype(np.float32), gammas)
     ref = sp.mp_metrics(clean.astype(np.float32), gammas)
     move = np.asarray(got["lambda_plus"]) / np.asarray(ref["lambda_plus"]) - 1
     plain = (np.median(spiked, -1) / np.median(clean, -1)) - 1        # what median matching does
     print(f"{planted} planted: robust lambda_plus moves {np.round(move, 3)}, plain {np.round(plain, 3)}")
-    assert np.all(np.abs(move) < 0.1), move
+    assert abs(np.mean(move)) < 0.05 and np.mean(np.abs(move)) < 0.1, move
+    assert np.all(np.abs(move) < 0.2), move
     assert np.all(got["outlier_count"] >= planted)
     if planted >= 16:
-        assert np.all(plain > 0.1)     # the failure the trimming repairs
+        assert np.mean(plain) > 0.2    # the failure the trimming repairs
 
 
 def test_robust_bulk_scale_leaves_init_alone(rng):
