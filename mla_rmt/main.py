@@ -34,7 +34,7 @@ _ALLOW_CHANGE = flags.DEFINE_bool(
     "workdir's config_history.jsonl.")
 flags.mark_flags_as_required(["config"])
 
-PREEMPTED_EXIT_CODE = 75
+PREEMPTED_EXIT_CODE = train.PREEMPTED_EXIT_CODE
 # Errors that end a trial with a message rather than a traceback; any other exception ends it
 # with its traceback. Either way the next trial runs.
 TRIAL_ERRORS = (ConfigError, FloatingPointError, FileNotFoundError, KeyError, ValueError,

@@ -346,6 +346,10 @@ class Preemption:
         signal.signal(signal.SIGINT, self._previous_int)
 
 
+# The process's exit status after SIGTERM: "preempted, resume me" (EX_TEMPFAIL), not success.
+PREEMPTED_EXIT_CODE = 75
+
+
 @dataclasses.dataclass
 class TrialResult:
     status: str                     # "finished" | "preempted"

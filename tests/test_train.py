@@ -16,7 +16,7 @@ from conftest import FAST, REPO, main_command, read_scalars, run_main
 from kill_during_save import POINTS
 from test_sweep import hparams_data
 
-from mla_rmt.main import PREEMPTED_EXIT_CODE
+from mla_rmt.train import PREEMPTED_EXIT_CODE
 
 STEPS = 40
 COMMON = (f"--config.train.num_steps={STEPS}", "--config.train.log_every=1",
