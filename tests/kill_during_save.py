@@ -12,7 +12,7 @@ import sys
 from absl import app
 from orbax.checkpoint._src.path import atomicity
 
-from mla_rmt import checkpoint, main
+from mla_rmt import checkpoint
 
 POINTS = ("save_called", "in_flight", "before_commit", "committed")
 
@@ -48,4 +48,5 @@ def _install(point: str, step: int) -> None:
 if __name__ == "__main__":
     assert sys.argv[1] in POINTS, sys.argv[1]
     _install(sys.argv[1], int(sys.argv[2]))
+    from mla_rmt import main   # pylint: disable=import-outside-toplevel  (its flags: only here)
     app.run(main.main, argv=[sys.argv[0], *sys.argv[3:]], flags_parser=main._parse_flags)  # pylint: disable=protected-access
