@@ -100,10 +100,12 @@ def logits(wq, wk, x_TxD):
                      np.einsum("td,dhk->thk", x_TxD, wk))
 
 
-def metrics(specs, wq, wk):
-    got = jax.jit(lambda a, b: diagnostics.spectra_of_maps(a, b, specs))(
-        jnp.asarray(wq, jnp.float32), jnp.asarray(wk, jnp.float32))
-    return jax.tree.map(np.asarray, got)
+def metrics(specs, wq, wk, dtype=jnp.float32):
+    """The in-step spectra of one layer's maps; float64 under jax's x64 mode (the same code)."""
+    with jax.enable_x64(dtype == jnp.float64):
+        got = jax.jit(lambda a, b: diagnostics.spectra_of_maps(a, b, specs))(
+            jnp.asarray(wq, dtype), jnp.asarray(wk, dtype))
+        return jax.tree.map(np.asarray, got)
 
 
 # What each kind analyses ------------------------------------------------------------------------
@@ -139,7 +141,9 @@ def test_diagnostics_module_has_no_branch_on_a_kind_name():
 @pytest.mark.parametrize("kind", KINDS)
 def test_default_matrices_are_gauge_invariant(rng, kind, f):
     """Random per-head scalars and invertible maps on the unrotated dims leave every logit and
-    every metric of every default matrix unchanged (rel 1e-4); the cross-Gram moves."""
+    every metric of every default matrix unchanged (rel 1e-4, the diagnostics' own code run in
+    float64); the fp32 route stays close to the float64 SVD on both weight sets (the gauged
+    factors' conditioning moves its rounding, not what it computes); the cross-Gram moves."""
     cfg = make_cfg(kind, f)
     params = init_params(cfg, int(rng.integers(1 << 30)))
     wq, wk = maps_float64(cfg, params)
@@ -149,13 +153,18 @@ def test_default_matrices_are_gauge_invariant(rng, kind, f):
     x = rng.standard_normal((8, cfg.d_model))
     np.testing.assert_allclose(logits(gq, gk, x), logits(wq, wk, x), rtol=1e-9, atol=1e-9)
     specs = diagnostics.matrices(cfg)
-    before, after = metrics(specs, wq, wk), metrics(specs, gq, gk)
+    before, after = metrics(specs, wq, wk, jnp.float64), metrics(specs, gq, gk, jnp.float64)
+    fp32 = {"before": metrics(specs, wq, wk), "after": metrics(specs, gq, gk)}
     for m in specs:
         ref = squared_singular_values(explicit_matrices(m.spec, wq, wk))[..., :m.rank]
         ref_gauged = squared_singular_values(explicit_matrices(m.spec, gq, gk))[..., :m.rank]
         np.testing.assert_allclose(ref_gauged, ref, rtol=1e-8, atol=1e-10 * ref.max())
-        got = before[m.name]["eigenvalues"].reshape(ref.shape)
-        assert np.all(np.abs(got - ref) <= 1e-4 * ref.max(axis=-1, keepdims=True)), m.name
+        # fp32 against the float64 SVD: 1e-4 lambda_1 on the init weights; on the gauged ones
+        # (per-head scales over e^+-3, maps of condition ~10) its rounding grows, measured up to
+        # 2.2e-4 lambda_1 over 48 draws (docs/spectral.md): bounded at 1e-3 lambda_1.
+        for which, spectra, bound in (("before", fp32["before"], 1e-4), ("after", fp32["after"], 1e-3)):
+            got = spectra[m.name]["eigenvalues"].reshape(ref.shape)
+            assert np.all(np.abs(got - ref) <= bound * ref.max(axis=-1, keepdims=True)), (m.name, which)
         for metric in spectral.METRIC_NAMES:
             np.testing.assert_allclose(after[m.name][metric], before[m.name][metric], rtol=1e-4,
                                        atol=1e-6, err_msg=f"{kind} f={f} {m.name} {metric}")
