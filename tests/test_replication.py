@@ -136,15 +136,18 @@ def test_report_memorisation_check_and_matched_loss(run):
                 ev[i - 1, 1] - ev[i, 1]) * (ev[i, 0] - ev[i - 1, 0])
             scalars = dict(t["scalars"])
             layers = [np.asarray(v, np.float64) for k, v in scalars.items()
-                      if k.startswith("spectral/qk_circuit/mp_gap/layer_")]
+                      if k.startswith("spectral/qk_circuit_sum/mp_gap/layer_")]
+            assert len(layers) == 4
             mean = np.mean([np.interp(step, l[:, 0], l[:, 1]) for l in layers])
             values.append(mean)
-        row = summary[(summary["variant"] == name) & (summary["matrix"] == "qk_circuit")
+        row = summary[(summary["variant"] == name) & (summary["matrix"] == "qk_circuit_sum")
                       & (summary["metric"] == "mp_gap") & (summary["when"] == "matched loss")]
         np.testing.assert_allclose(row["mean"].iloc[0], np.mean(values), rtol=1e-9)
-    init = summary[(summary["when"] == "init, step 0") & (summary["matrix"] == "qk_circuit")]
+    init = summary[(summary["when"] == "init, step 0") & (summary["matrix"] == "qk_circuit_sum")]
     assert set(init["metric"]) >= {"mp_gap", "outlier_energy"}
-    for fig in ("eval_loss.png", "qk_circuit_by_layer.png", "qk_circuit_over_steps.png"):
+    heads = summary[(summary["when"] == "init, step 0") & (summary["matrix"] == "qk_circuit")]
+    assert set(heads["metric"]) >= {"mp_gap/head_mean", "mp_gap/head_max"}
+    for fig in ("eval_loss.png", "qk_circuit_sum_by_layer.png", "qk_circuit_over_steps.png"):
         assert (run["report"] / "figures" / fig).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -152,9 +155,9 @@ def test_report_reads_matrix_and_metric_names_from_the_tags(run, tmp_path):
     renamed = {}
     for name, t in run["exported"].items():
         scalars = {}
-        for tag, points in t["scalars"].items():
-            if tag.startswith("spectral/qk_circuit/"):
-                tag = tag.replace("spectral/qk_circuit/", "spectral/qk_circuit_sum/") + "/head_max"
+        for tag, points in t["scalars"].items():        # names no code of the report knows
+            tag = tag.replace("spectral/qk_circuit/", "spectral/qk_heads_x/")
+            tag = tag.replace("spectral/qk_circuit_sum/", "spectral/qk_layer_y/")
             scalars[tag] = points
         renamed[name] = {**t, "scalars": scalars}
     path = tmp_path / "renamed.json.gz"
@@ -165,6 +168,7 @@ def test_report_reads_matrix_and_metric_names_from_the_tags(run, tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (tmp_path / "out" / "report.md").read_text()
-    assert "### qk_circuit_sum: mp_gap/head_max (layer mean)" in text
-    assert "### qk_circuit:" not in text
-    assert (tmp_path / "out" / "figures" / "qk_circuit_sum_by_layer.png").exists()
+    assert "### qk_heads_x: mp_gap/head_max (layer mean)" in text
+    assert "### qk_layer_y: mp_gap (layer mean)" in text
+    assert "### qk_circuit:" not in text and "### qk_circuit_sum:" not in text
+    assert (tmp_path / "out" / "figures" / "qk_layer_y_by_layer.png").exists()
