@@ -474,14 +474,20 @@ def test_robust_bulk_scale_with_planted_values_holding_70pct_energy(rng, planted
 
 
 def test_robust_bulk_scale_leaves_init_alone(rng):
-    """At init nothing lies far above the edge: the trimmed scale stays within 2% of the plain
-    median match, and equals it in most draws; jit and vmap agree with the eager value."""
+    """At init at most a few values lie above the edge: the trimmed scale is the median match of
+    the values below its own edge (a fixed point), trims at most 4 of 64 values, stays within
+    8% of the plain median match (one order-statistic spacing near the median is ~2-3% here)
+    and equals it in most draws; jit and vmap agree with the eager value."""
     dims = (768, 64, 768)
     eigs = chain_eigs(rng, dims, 40).astype(np.float32)
     law = sp.null_law(sp.chain_gammas(dims))
     robust = np.asarray(sp.bulk_scale(eigs, law))
     plain = np.median(eigs, -1) / law.median
-    assert np.all(np.abs(robust / plain - 1) < 0.02)
+    kept = eigs <= (robust * law.edge)[:, None]
+    refit = np.array([np.median(e[k]) for e, k in zip(eigs, kept)]) / law.median
+    np.testing.assert_allclose(robust, refit, rtol=1e-6)
+    assert np.all((~kept).sum(-1) <= 4), (~kept).sum(-1)
+    assert np.all(np.abs(robust / plain - 1) < 0.08)
     assert np.mean(robust == plain.astype(np.float32)) > 0.5
     np.testing.assert_allclose(jax.jit(sp.bulk_scale, static_argnums=1)(eigs, law), robust, rtol=1e-6)
     np.testing.assert_allclose(jax.vmap(lambda e: sp.bulk_scale(e, law))(eigs), robust, rtol=1e-6)
