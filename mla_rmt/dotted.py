@@ -3,29 +3,36 @@ nested dict: what sweeps set, what the HParams row and the trial tables read."""
 _REQUIRED = object()
 
 
-def get(tree, path: str, default=_REQUIRED):
-    """The field at `path`; a missing field is a KeyError naming it, unless a default is given."""
-    node = tree
+def _missing(path: str, parts: list[str], i: int) -> KeyError:
+    return KeyError(f"config field {path!r}: {'.'.join(parts[:i]) or 'the config'} has no {parts[i]!r}")
+
+
+def _parent(tree, path: str):
+    """The node holding the field at `path`, and the field's name."""
     parts = path.split(".")
-    for i, part in enumerate(parts):
+    node = tree
+    for i, part in enumerate(parts[:-1]):
         try:
             node = node[part]
         except (KeyError, TypeError, AttributeError):
-            if default is not _REQUIRED:
-                return default
-            raise KeyError(f"config field {path!r}: {'.'.join(parts[:i]) or 'the config'} "
-                           f"has no {part!r}") from None
-    return node
+            raise _missing(path, parts, i) from None
+    if not (hasattr(node, "keys") and parts[-1] in node):     # a dict or a ConfigDict
+        raise _missing(path, parts, len(parts) - 1)
+    return node, parts[-1]
+
+
+def get(tree, path: str, default=_REQUIRED):
+    """The field at `path`; a missing field is a KeyError naming it, unless a default is given."""
+    try:
+        node, name = _parent(tree, path)
+    except KeyError:
+        if default is _REQUIRED:
+            raise
+        return default
+    return node[name]
 
 
 def set(tree, path: str, value) -> None:  # pylint: disable=redefined-builtin
     """Sets the existing field at `path`; a field the tree lacks is a KeyError naming it."""
-    parent_path, _, last = path.rpartition(".")
-    parent = get(tree, parent_path) if parent_path else tree
-    try:
-        known = last in parent
-    except TypeError:
-        known = False
-    if not known:
-        raise KeyError(f"config field {path!r}: {parent_path or 'the config'} has no {last!r}")
-    parent[last] = value
+    node, name = _parent(tree, path)
+    node[name] = value
