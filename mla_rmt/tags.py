@@ -17,7 +17,8 @@ OVER_LAYERS = ("mean", "max")                 # a summary over the layers (and h
 TRAIN_LOSS, TRAIN_GRAD_NORM, TRAIN_LEARNING_RATE = "train/loss", "train/grad_norm", "train/learning_rate"
 EVAL_LOSS, EVAL_PERPLEXITY = "eval/loss", "eval/perplexity"
 PERF_TOKENS_PER_SEC, PERF_STEP_TIME_SEC, PERF_MFU = "perf/tokens_per_sec", "perf/step_time_sec", "perf/mfu"
-CONFIG = "config"           # the run's config, as text
+# The run's config as text; tensorboardX writes it under config/text_summary.
+CONFIG = "config"
 HPARAMS_PREFIX = "_hparams_/"   # the HParams plugin's own entries (written by tensorboardX)
 
 _EIGENVALUES, _ESD, _HEATMAP = "eigenvalues", "esd", "_heatmap"
@@ -118,7 +119,7 @@ _PATTERNS = (
     ("eval", re.compile(r"^eval/(?P<metric>[^/]+)$")),
     ("perf", re.compile(r"^perf/(?P<metric>[^/]+)$")),
     ("final", re.compile(r"^final/(?P<metric>[^/]+)$")),
-    ("config", re.compile(rf"^{CONFIG}$")),
+    ("config", re.compile(rf"^{CONFIG}(?:/text_summary)?$")),
     ("hparams", re.compile(rf"^{HPARAMS_PREFIX}(?P<metric>[^/]+)$")),
 )
 
