@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from mla_rmt import diagnostics, hf_checkpoint, plots, spectral, summaries, tail_fit, trial
+from mla_rmt import diagnostics, hf_checkpoint, plots, spectral, summaries, tags, tail_fit, trial
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trial's directory (holds config.json and checkpoints/).")
 _HF = flags.DEFINE_string("hf", None, "A Hugging Face model directory: config.json and *.safetensors "
@@ -106,25 +106,25 @@ def write_run(logdir, result: dict, spectra: dict, specs, hf_config: dict | None
     try:
         if hf_config is not None and writer.enabled:
             text = json.dumps({"config.json": hf_config, "source": result.get("source", {})}, indent=1)
-            writer.writer.add_text("config", f"```\n{text}\n```", step)
+            writer.writer.add_text(tags.CONFIG, f"```\n{text}\n```", step)
         writer.scalars(step, result["scalars"])
         for name, fits in result.get("tail_fit", {}).items():
             alpha, ok_share = tail_fit.table_values(fits)
-            writer.scalars(step, {f"tail_fit/{name}/alpha/layer_{layer:02d}": a
+            writer.scalars(step, {tags.tail_fit(name, "alpha", layer): a
                                   for layer, a in enumerate(alpha) if np.isfinite(a)})
-            writer.scalars(step, {f"tail_fit/{name}/ok_share/layer_{layer:02d}": s
+            writer.scalars(step, {tags.tail_fit(name, "ok_share", layer): s
                                   for layer, s in enumerate(ok_share)})
         by_name = {m.name: m for m in specs}
         for name, values in spectra.items():
             for layer, eigs in enumerate(values["eigenvalues"]):
-                writer.histogram(step, f"spectral/{name}/eigenvalues/layer_{layer:02d}", eigs)
+                writer.histogram(step, tags.eigenvalues(name, layer), eigs)
                 if not figures:
                     continue
                 fig = plots.esd_figure(eigs, by_name[name].null, values["lambda_plus"][layer],
                                        f"{name} layer {layer}", gammas=by_name[name].gammas)
                 (logdir / "esd").mkdir(parents=True, exist_ok=True)
                 fig.savefig(logdir / "esd" / f"{name}_layer_{layer:02d}.png")
-                writer.image(step, f"spectral/{name}/esd/layer_{layer:02d}", plots.figure_to_image(fig))
+                writer.image(step, tags.esd(name, layer), plots.figure_to_image(fig))
     finally:
         writer.close()
 

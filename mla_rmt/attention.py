@@ -455,7 +455,7 @@ class DecoupledLatentAttention(LatentAttention):
     d_R = rope_dims, d_C = d_head - d_R. Per head q_h = [RoPE(c_Q W_QR^h) ; c_Q W_UQ^h] and
     k_h = [RoPE(x W_KR) ; c_KV W_UK^h]: ONE rotary key k^R in R^{d_R} per token, computed from
     the layer input and shared by all heads. Rotary dims come FIRST, as in every other kind
-    (DESIGN writes [q^C; q^R]; the order does not change the logits). v_h = c_KV W_UV^h.
+    (the paper writes [q^C; q^R]; the order does not change the logits). v_h = c_KV W_UV^h.
     Scale 1/sqrt(d_C + d_R) = 1/sqrt(d_head), so the base class's fused path applies, with k^R
     broadcast to the H heads. f = 0 drops the rotary branch (NoPE), f = 1 the content q/k.
 

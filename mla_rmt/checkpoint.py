@@ -117,17 +117,13 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         return self.manager.restore(step, args=args).state
 
-    def wait(self) -> None:
-        """Blocks until the saves in flight are committed; raises if one failed."""
-        try:
-            self.manager.wait_until_finished()
-        except Exception as e:  # pylint: disable=broad-except
-            raise self._save_failed(e, f"step {self._last_step}") from e
-        self.check_for_errors()
-
     def close(self) -> None:
         """Waits for the saves in flight (raising if one failed), then closes the manager."""
         try:
-            self.wait()
+            try:
+                self.manager.wait_until_finished()
+            except Exception as e:  # pylint: disable=broad-except
+                raise self._save_failed(e, f"step {self._last_step}") from e
+            self.check_for_errors()
         finally:
             self.manager.close()

@@ -561,36 +561,3 @@ def iterator_save_args(iterator: ShardedIterator) -> ShardStateSave:
 def iterator_restore_args(iterator: ShardedIterator) -> ShardStateRestore:
     """Orbax args restoring into `iterator` in place (it continues where the saved one was)."""
     return ShardStateRestore(iterator)
-
-
-def token_counts(config: ml_collections.ConfigDict, tokenizer: spm.SentencePieceProcessor,
-                 split: str) -> np.ndarray:
-    """int64[vocab]: how often each id occurs in the split, each document followed by EOS."""
-    counts = np.zeros(tokenizer.get_piece_size(), np.int64)
-    batch: list[str] = []
-
-    def flush():
-        ids = [np.asarray(x, np.int64) for x in tokenizer.encode(batch)]
-        counts[:] += np.bincount(np.concatenate(ids + [np.zeros(0, np.int64)]), minlength=counts.size)
-        counts[tokenizer.eos_id()] += len(batch)
-        batch.clear()
-
-    for text in iter_texts(config.data, split):
-        batch.append(text)
-        if len(batch) == 256:
-            flush()
-    flush()
-    return counts
-
-
-def unigram_entropy(config: ml_collections.ConfigDict, tokenizer: spm.SentencePieceProcessor,
-                    split: str) -> float:
-    """Entropy in nats of the split's empirical token distribution (EOS included): the loss
-    of the best model that ignores context, a baseline a language model must beat."""
-    start = time.perf_counter()
-    counts = token_counts(config, tokenizer, split)
-    p = counts[counts > 0] / counts.sum()
-    entropy = float(-(p * np.log(p)).sum())
-    logging.info("Unigram entropy of %s/%s: %.4f nats over %d tokens (%.1f s)", config.data.source,
-                 split, entropy, counts.sum(), time.perf_counter() - start)
-    return entropy

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mla_rmt import attention, spectral
+from mla_rmt import attention, spectral, tags
 from mla_rmt.model_config import ModelConfig
 
 NULL_DRAWS = 64     # init draws of one layer for a null law that is not one product chain
@@ -132,28 +132,28 @@ def empty_like(tree):
     return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
 
 
-HEAD_REDUCTIONS = {"head_mean": np.mean, "head_max": np.max}
+_HEAD_REDUCTIONS = dict(zip(tags.HEAD_REDUCTIONS, (np.mean, np.max)))
 
 
 def layer_scalars(spectra: dict[str, dict[str, np.ndarray]]) -> dict[str, float]:
     """TensorBoard scalars (docs/spectral.md, "Tags").
 
-    Per-layer matrix: spectral/<matrix>/<metric>/layer_<LL>, and /mean, /max over layers.
-    Per-head matrix: spectral/<matrix>/<metric>/head_mean/layer_<LL> and .../head_max/layer_<LL>
-    (the mean and the max over the layer's heads), and .../head_mean/mean (over layers and
-    heads), .../head_max/max (the largest head of any layer).
+    Per-layer matrix: the value of each layer, and its mean and max over layers. Per-head
+    matrix: the mean and the max over each layer's heads, the mean over layers and heads, and
+    the max over all heads of all layers.
     """
     out = {}
     for name, values in spectra.items():
         for metric in spectral.METRIC_NAMES:
             v = np.asarray(values[metric], np.float64)        # [L] or [L, H]
-            base = f"spectral/{name}/{metric}"
             if v.ndim == 1:
-                out.update({f"{base}/layer_{layer:02d}": float(x) for layer, x in enumerate(v)})
-                out[f"{base}/mean"], out[f"{base}/max"] = float(v.mean()), float(v.max())
+                out.update({tags.spectral(name, metric, layer): float(x) for layer, x in enumerate(v)})
+                out[tags.spectral_over_layers(name, metric, "mean")] = float(v.mean())
+                out[tags.spectral_over_layers(name, metric, "max")] = float(v.max())
                 continue
-            for reduction, fn in HEAD_REDUCTIONS.items():
-                out.update({f"{base}/{reduction}/layer_{layer:02d}": float(x)
+            for heads, fn in _HEAD_REDUCTIONS.items():
+                out.update({tags.spectral(name, metric, layer, heads): float(x)
                             for layer, x in enumerate(fn(v, axis=1))})
-            out[f"{base}/head_mean/mean"], out[f"{base}/head_max/max"] = float(v.mean()), float(v.max())
+            out[tags.spectral_over_layers(name, metric, "mean", "head_mean")] = float(v.mean())
+            out[tags.spectral_over_layers(name, metric, "max", "head_max")] = float(v.max())
     return out

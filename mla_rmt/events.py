@@ -7,23 +7,13 @@ swept values, e.g. `kind=mha,rope_fraction=0.25`, holding `config.json` and, onc
 import gzip
 import json
 import pathlib
-import re
 
 import numpy as np
 import pandas as pd
 
+from mla_rmt import dotted, tags
+
 EVENTS_GLOB = "events.out.tfevents.*"
-
-# The swept attention fields every trial row carries: column -> dotted config field.
-SWEPT = {"kind": "model.attention.kind", "rope_fraction": "model.attention.rope_fraction",
-         "remove_gap": "model.attention.remove_gap"}
-
-# spectral/<matrix>/<metric>/layer_LL (a per-layer matrix) or, for a per-head matrix,
-# spectral/<matrix>/<metric>/{head_mean,head_max}/layer_LL (docs/spectral.md, "Tags").
-HEAD_REDUCTIONS = ("head_mean", "head_max")
-_SPECTRAL = re.compile(r"^spectral/(?P<matrix>[^/]+)/(?P<metric>[^/]+)/"
-                       r"(?:(?P<heads>head_mean|head_max)/)?layer_(?P<layer>\d+)$")
-_ACTIVATIONS = re.compile(r"^activations/(?P<metric>[^/]+)/layer_(?P<layer>\d+)$")
 
 
 def _trial_name(run_dir: pathlib.Path, workdir: pathlib.Path) -> str:
@@ -85,13 +75,12 @@ def parse_layer_tags(scalars: pd.DataFrame) -> pd.DataFrame:
     'activations'), matrix (None for activations), metric, heads ('head_mean' / 'head_max' for
     a per-head matrix, else None) and layer (int). Other tags (train/..., eval/...,
     spectral/.../mean) are dropped."""
-    tags = pd.Series(scalars["tag"].unique(), dtype=object)
+    names = pd.Series(scalars["tag"].unique(), dtype=object)
     parsed = {}
-    for tag in tags:
-        if m := _SPECTRAL.match(tag):
-            parsed[tag] = ("spectral", m["matrix"], m["metric"], m["heads"], int(m["layer"]))
-        elif m := _ACTIVATIONS.match(tag):
-            parsed[tag] = ("activations", None, m["metric"], None, int(m["layer"]))
+    for tag in names:
+        parts = tags.parse(tag)
+        if parts is not None and parts.kind in ("spectral", "activations"):
+            parsed[tag] = (parts.kind, parts.matrix, parts.metric, parts.heads, parts.layer)
     keep = scalars[scalars["tag"].isin(list(parsed))].reset_index(drop=True)
     parts = pd.DataFrame([parsed[t] for t in keep["tag"]],
                          columns=["family", "matrix", "metric", "heads", "layer"], index=keep.index)
@@ -108,8 +97,8 @@ def layer_values(scalars: pd.DataFrame, metric: str, matrix: str | None = None,
     'head_max'. A per-layer matrix (and exports written before head reductions had their own
     tags, whose qk_circuit layer values are head means) has heads=None.
     """
-    if heads is not None and heads not in HEAD_REDUCTIONS:
-        raise ValueError(f"heads={heads!r}: one of {HEAD_REDUCTIONS} or None")
+    if heads is not None and heads not in tags.HEAD_REDUCTIONS:
+        raise ValueError(f"heads={heads!r}: one of {tags.HEAD_REDUCTIONS} or None")
     rows = parse_layer_tags(scalars)
     family = "activations" if matrix is None else "spectral"
     rows = rows[(rows["family"] == family) & (rows["metric"] == metric)]
@@ -121,15 +110,6 @@ def layer_values(scalars: pd.DataFrame, metric: str, matrix: str | None = None,
     rows = rows[rows["heads"].isna()] if heads is None else rows[rows["heads"] == heads]
     return {trial: group.pivot_table(index="layer", columns="step", values="value", aggfunc="last")
             for trial, group in rows.groupby("trial", sort=True)}
-
-
-def _dotted(tree: dict, dotted: str):
-    node = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def value_from_name(trial: str, column: str):
@@ -147,8 +127,8 @@ def value_from_name(trial: str, column: str):
 
 def _trial_row(trial: str, config: dict, result: dict | None) -> dict:
     row = {"trial": trial}
-    for column, dotted in SWEPT.items():
-        value = _dotted(config, dotted)
+    for column, field in tags.SWEPT.items():
+        value = dotted.get(config, field, None)
         row[column] = value_from_name(trial, column) if value is None else value
     row["remove_gap"] = bool(row["remove_gap"]) if row["remove_gap"] is not None else False
     if row["rope_fraction"] is not None:
@@ -159,7 +139,7 @@ def _trial_row(trial: str, config: dict, result: dict | None) -> dict:
 
 
 def _table(rows: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=None if rows else ["trial", *SWEPT, "finished"])
+    return pd.DataFrame(rows, columns=None if rows else ["trial", *tags.SWEPT, "finished"])
 
 
 def trial_table(workdir) -> pd.DataFrame:

@@ -15,29 +15,21 @@ from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData, SessionEndI
 from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
 from tensorboardX.summary import hparams as hparams_summary
 
-# The attention fields every row shows, swept or not.
-ALWAYS = ("model.attention.kind", "model.attention.rope_fraction", "model.attention.remove_gap")
+from mla_rmt import dotted, tags
 
-# Final metric name -> (tag in the trial's metrics, how it is reduced over training).
+# Final metric name -> its tag among the trial's last metrics.
 FINAL_METRICS = {
-    "final/eval_loss": "eval/loss",
-    "final/eval_perplexity": "eval/perplexity",
-    "final/max_mp_gap": "spectral/qk_circuit_sum/mp_gap/max",
-    "final/mean_outlier_energy": "spectral/qk_circuit_sum/outlier_energy/mean",
-    "final/max_head_mp_gap": "spectral/qk_circuit/mp_gap/head_max/max",
+    tags.final("eval_loss"): tags.EVAL_LOSS,
+    tags.final("eval_perplexity"): tags.EVAL_PERPLEXITY,
+    tags.final("max_mp_gap"): tags.spectral_over_layers("qk_circuit_sum", "mp_gap", "max"),
+    tags.final("mean_outlier_energy"): tags.spectral_over_layers("qk_circuit_sum", "outlier_energy", "mean"),
+    tags.final("max_head_mp_gap"): tags.spectral_over_layers("qk_circuit", "mp_gap", "max", "head_max"),
 }
 
 
 SUFFIX = ".hparams"
 # Trial status -> the session status TensorBoard shows (a preempted trial resumes: running).
 STATUSES = {"finished": "STATUS_SUCCESS", "failed": "STATUS_FAILURE", "preempted": "STATUS_RUNNING"}
-
-
-def _value(config: ml_collections.ConfigDict, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        node = node[part]
-    return node
 
 
 def final_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -57,7 +49,7 @@ def write(workdir: str, config: ml_collections.ConfigDict, overrides: dict,
     """Replaces the trial's HParams entry; status is 'finished', 'failed' or 'preempted'."""
     if jax.process_index() != 0:
         return
-    values = {key: _value(config, key) for key in (*ALWAYS, *overrides)}
+    values = {key: dotted.get(config, key) for key in (*tags.SWEPT.values(), *overrides)}
     values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
     values["status"] = status
     final = final_metrics(metrics)

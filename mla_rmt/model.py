@@ -3,7 +3,7 @@
 Layers run under `nn.scan`, so every per-layer parameter has a leading `layers` axis that the
 spectral diagnostics batch over. The scan is unrolled by default (`model.scan_unroll`): a
 rolled loop makes XLA copy each layer's weights, gradients and saved activations in and out
-of the stacked buffers, a third of the step on a GPU.
+of the stacked buffers (BENCHMARKS.md, "Where the time goes").
 """
 import flax.linen as nn
 import jax

@@ -28,7 +28,8 @@ def _rotate_by(x_BxTxHxK, cos_BxTx1xR, sin_BxTx1xR):
 
 # The gradient of a rotation is the rotation by the opposite angle. Written out, it is one
 # elementwise pass like the forward; left to autodiff, the transposed slices and concatenations
-# become pads and adds that a GPU runs at a third of its memory bandwidth.
+# become pads and adds that a GPU runs far below its memory bandwidth (BENCHMARKS.md, "What the
+# device's own kernels say").
 _rotate = jax.custom_vjp(_rotate_by)
 
 

@@ -24,7 +24,6 @@ LOGICAL_RULES = (
     ("kv_latent", None),
     ("rope_dim", None),
     ("layers", None),
-    ("length", None),
 )
 
 
@@ -58,8 +57,9 @@ def logical_shardings(abstract_tree, mesh: jax.sharding.Mesh):
     return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
 
 
-def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+def batch_sharding(mesh: jax.sharding.Mesh, leading: int = 0) -> NamedSharding:
+    """Rows split by the "batch" rule, after `leading` unsplit axes (e.g. microbatches)."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes((None,) * leading + ("batch",), LOGICAL_RULES))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -332,7 +332,7 @@ def bulk_scale(eigs_P, law: NullLaw):
     self-consistent scale, in at most p steps (one or two when outliers are large). Plain
     median matching (s_0) moves lambda_+ by +5/+25/+49% when 4/16/24 of 64 values hold 70% of
     the energy; this stays within a few percent. At least a quarter of the values stay in the
-    bulk (a spectrum with more outliers has no bulk to fit). docs/spectral.md, section 4.
+    bulk (a spectrum with more outliers has no bulk to fit). docs/spectral.md, "Metrics".
     """
     lam = jnp.maximum(_f32(eigs_P), 0.0)
     p = lam.shape[-1]

@@ -7,6 +7,8 @@ import numpy as np
 import tensorboardX
 from absl import logging
 
+from mla_rmt import tags
+
 
 class SummaryWriter:
     def __init__(self, logdir: str):
@@ -51,7 +53,7 @@ class SummaryWriter:
 
     def config(self, config: ml_collections.ConfigDict) -> None:
         if self.enabled:
-            self.writer.add_text("config", "```\n" + config.to_json_best_effort(indent=2) + "\n```", 0)
+            self.writer.add_text(tags.CONFIG, "```\n" + config.to_json_best_effort(indent=2) + "\n```", 0)
 
     def flush(self) -> None:
         if self.enabled:

@@ -15,6 +15,8 @@ import re
 
 import ml_collections
 
+from mla_rmt import dotted
+
 
 def product(axes: dict[str, list]) -> list[dict]:
     """Every combination of the axes' values, the last axis varying fastest."""
@@ -38,17 +40,9 @@ def apply(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.
     """A copy of config with the dotted fields set; an unknown field is an error naming it."""
     config = ml_collections.ConfigDict(config.to_dict())   # unlocked deep copy
     for key, value in overrides.items():
-        node = config
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if part not in node:
-                raise KeyError(f"sweep field {key!r}: config has no {part!r}")
-            node = node[part]
-        if parts[-1] not in node:
-            raise KeyError(f"sweep field {key!r}: config has no {parts[-1]!r}")
-        if isinstance(node[parts[-1]], float) and isinstance(value, int):
+        if isinstance(dotted.get(config, key), float) and isinstance(value, int):
             value = float(value)        # ConfigDict keeps a field's type
-        node[parts[-1]] = value
+        dotted.set(config, key, value)
     return config
 
 

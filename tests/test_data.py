@@ -208,16 +208,6 @@ def test_eval_batches_are_deterministic_and_unshuffled(tok):
     assert not np.array_equal(halves[0][0]["inputs"], halves[1][0]["inputs"])
 
 
-def test_unigram_entropy_matches_numpy(tok):
-    c = make_config()
-    ids = np.concatenate([tok.encode(t) + [tok.eos_id()] for t in texts(c.data, "validation")])
-    p = np.unique(ids, return_counts=True)[1] / ids.size
-    expected = -(p * np.log(p)).sum()
-    got = data.unigram_entropy(c, tok, "validation")
-    assert got == pytest.approx(expected, rel=1e-9)
-    assert 0 < got < np.log(VOCAB)
-
-
 # --- text_files ----------------------------------------------------------------------------
 
 

@@ -3,11 +3,16 @@ import json
 import subprocess
 import sys
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO
+from jax.sharding import PartitionSpec
 
-from mla_rmt import sharding
+from mla_rmt import attention, model, sharding
+from mla_rmt.model_config import ModelConfig
 from mla_rmt.presets import base_config
 
 
@@ -54,3 +59,22 @@ def test_mesh_shape_fills_the_rest_and_rejects_bad_sizes():
     mesh.fsdp = 3
     with pytest.raises(ValueError, match="config.mesh"):
         sharding.mesh_shape(mesh, 8)
+
+
+def test_the_batch_is_placed_by_the_batch_rule_and_every_rule_places_something():
+    config = base_config()
+    mesh = sharding.make_mesh(config.mesh)
+    rules = dict(sharding.LOGICAL_RULES)
+    assert sharding.batch_sharding(mesh).spec == PartitionSpec(rules["batch"])
+    assert sharding.batch_sharding(mesh, leading=1).spec == PartitionSpec(None, rules["batch"])
+    config.model.attention.q_latent_dim = config.model.d_model // 2   # query compression too
+    used = {"batch"}
+    for kind in attention.kinds():
+        config.model.attention.kind = kind
+        cfg = ModelConfig.from_config(config.model)
+        shapes = jax.eval_shape(lambda cfg=cfg: model.Transformer(cfg).init(
+            jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+        for spec in jax.tree.leaves(nn.get_partition_spec(shapes),
+                                    is_leaf=lambda x: isinstance(x, PartitionSpec)):
+            used.update(axis for axis in spec if axis is not None)
+    assert used == set(rules), (sorted(set(rules) - used), sorted(used - set(rules)))
