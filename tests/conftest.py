@@ -1,12 +1,27 @@
 """Shared test set-up: one data/tokenizer cache per test session, inherited by subprocesses."""
+import atexit
+import importlib.util
 import os
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# One XLA compilation cache for the session and every `python -m mla_rmt.main` it starts: the
+# same tiny models are compiled in many processes, and a cached executable is the same binary,
+# so results stay bit-identical. Set before any test module imports jax; subprocesses inherit it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _JAX_CACHE = tempfile.mkdtemp(prefix="mla_rmt_jax_cache_")
+    atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -15,6 +30,19 @@ def data_cache(tmp_path_factory):
     cache = os.environ.get("MLA_RMT_TEST_CACHE") or str(tmp_path_factory.mktemp("mla_rmt_cache"))
     os.environ["MLA_RMT_CACHE"] = cache
     return pathlib.Path(cache)
+
+
+def import_program(name: str):
+    """Imports the command-line module `name` (e.g. "mla_rmt.main"). mla_rmt.main and
+    mla_rmt.analyze are separate programs that both define --workdir; in one test process the
+    module imported here takes over the flag names another module defined first."""
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    source = pathlib.Path(importlib.util.find_spec(name).origin).read_text(encoding="utf-8")
+    for flag in re.findall(r'DEFINE_\w+\(\s*"(\w+)"', source):
+        owner = flags.FLAGS.find_module_defining_flag(flag)
+        if owner is not None and owner != name:
+            delattr(flags.FLAGS, flag)
+    return importlib.import_module(name)
 
 
 # A trial small enough for a test: the tiny model on short sequences.

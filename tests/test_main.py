@@ -4,11 +4,12 @@ import sys
 
 import pytest
 from absl import app, flags
-from conftest import REPO
+from conftest import REPO, import_program
 
-from mla_rmt import main, sweep
+from mla_rmt import sweep
 from configs import rope_budget_sweep
 
+main = import_program("mla_rmt.main")
 SWEEP = f"--config={REPO / 'configs/rope_budget_sweep.py'}:tiny"
 
 
