@@ -27,21 +27,6 @@ from etils import epath
 
 from mla_rmt import diagnostics, hf_checkpoint, plots, spectral, summaries, tags, tail_fit, trial
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A trial's directory (holds config.json and checkpoints/).")
-_HF = flags.DEFINE_string("hf", None, "A Hugging Face model directory: config.json and *.safetensors "
-                          "(one file, or shards with model.safetensors.index.json).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_MATRICES = flags.DEFINE_string("matrices", None, "Comma-separated matrices (default: the run's; "
-                                "--hf: all of the kind's).")
-_NULL = flags.DEFINE_string("null", None, "Null law, 'product' or 'mp' (default: the run's; "
-                            "--hf: product).")
-_OUTPUT = flags.DEFINE_string("output", None, "JSON path (default: DIR/analysis/step_<N>.json; "
-                              "--hf: DIR/analysis/spectra.json).")
-_LOGDIR = flags.DEFINE_string("logdir", None, "--hf: TensorBoard run and ESD figures (default: "
-                              "the JSON's directory).")
-_TAIL_FIT = flags.DEFINE_bool("tail_fit", True, "Power-law fit of each ESD's tail.")
-_FIGURES = flags.DEFINE_bool("figures", True, "--hf: ESD figures (PNG and TensorBoard images).")
-
 TABLE_METRICS = ("mp_gap", "outlier_count", "outlier_energy", "stable_rank", "stable_rank_frac",
                  "spectral_entropy", "lambda_plus", "lambda_max")
 
@@ -147,28 +132,50 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
+def define_flags() -> None:
+    """The command line, defined when the module runs as a program and not on import: the
+    functions above are imported by programs that have flags of their own (mla_rmt.main's
+    --workdir among them)."""
+    flags.DEFINE_string("workdir", None, "A trial's directory (holds config.json and checkpoints/).")
+    flags.DEFINE_string("hf", None, "A Hugging Face model directory: config.json and *.safetensors "
+                        "(one file, or shards with model.safetensors.index.json).")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_string("matrices", None, "Comma-separated matrices (default: the run's; "
+                        "--hf: all of the kind's).")
+    flags.DEFINE_string("null", None, "Null law, 'product' or 'mp' (default: the run's; "
+                        "--hf: product).")
+    flags.DEFINE_string("output", None, "JSON path (default: DIR/analysis/step_<N>.json; "
+                        "--hf: DIR/analysis/spectra.json).")
+    flags.DEFINE_string("logdir", None, "--hf: TensorBoard run and ESD figures (default: "
+                        "the JSON's directory).")
+    flags.DEFINE_bool("tail_fit", True, "Power-law fit of each ESD's tail.")
+    flags.DEFINE_bool("figures", True, "--hf: ESD figures (PNG and TensorBoard images).")
+
+
 def main(argv):
+    f = flags.FLAGS
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if bool(_WORKDIR.value) == bool(_HF.value):
+    if bool(f.workdir) == bool(f.hf):
         raise app.UsageError("Give exactly one of --workdir (a trial) and --hf (a Hugging Face model).")
-    if _HF.value:
-        if _STEP.value is not None:
+    if f.hf:
+        if f.step is not None:
             raise app.UsageError("--step applies to --workdir only.")
-        result, spectra, specs, ckpt = analyze_hf(_HF.value, _MATRICES.value, _NULL.value, _TAIL_FIT.value)
-        output = epath.Path(_OUTPUT.value or epath.Path(_HF.value) / "analysis" / "spectra.json")
-        logdir = pathlib.Path(_LOGDIR.value or output.parent)
-        write_run(logdir, result, spectra, specs, ckpt.hf_config, _FIGURES.value)
+        result, spectra, specs, ckpt = analyze_hf(f.hf, f.matrices, f.null, f.tail_fit)
+        output = epath.Path(f.output or epath.Path(f.hf) / "analysis" / "spectra.json")
+        logdir = pathlib.Path(f.logdir or output.parent)
+        write_run(logdir, result, spectra, specs, ckpt.hf_config, f.figures)
     else:
-        result = analyze(_WORKDIR.value, _STEP.value, _MATRICES.value, _NULL.value, _TAIL_FIT.value)
-        output = epath.Path(_OUTPUT.value or epath.Path(_WORKDIR.value) / "analysis" / f"step_{result['step']}.json")
+        result = analyze(f.workdir, f.step, f.matrices, f.null, f.tail_fit)
+        output = epath.Path(f.output or epath.Path(f.workdir) / "analysis" / f"step_{result['step']}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=1))
     print(table(result))
     print(f"metrics: {', '.join(spectral.METRIC_NAMES)}; written to {output}")
-    if _HF.value:
-        print(f"TensorBoard run{' and ESD figures' if _FIGURES.value else ''}: {logdir}")
+    if f.hf:
+        print(f"TensorBoard run{' and ESD figures' if f.figures else ''}: {logdir}")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -1,9 +1,7 @@
 """Shared test set-up: one data/tokenizer cache per test session, inherited by subprocesses."""
 import atexit
-import importlib.util
 import os
 import pathlib
-import re
 import shutil
 import subprocess
 import sys
@@ -30,19 +28,6 @@ def data_cache(tmp_path_factory):
     cache = os.environ.get("MLA_RMT_TEST_CACHE") or str(tmp_path_factory.mktemp("mla_rmt_cache"))
     os.environ["MLA_RMT_CACHE"] = cache
     return pathlib.Path(cache)
-
-
-def import_program(name: str):
-    """Imports the command-line module `name` (e.g. "mla_rmt.main"). mla_rmt.main and
-    mla_rmt.analyze are separate programs that both define --workdir; in one test process the
-    module imported here takes over the flag names another module defined first."""
-    from absl import flags  # pylint: disable=import-outside-toplevel
-    source = pathlib.Path(importlib.util.find_spec(name).origin).read_text(encoding="utf-8")
-    for flag in re.findall(r'DEFINE_\w+\(\s*"(\w+)"', source):
-        owner = flags.FLAGS.find_module_defining_flag(flag)
-        if owner is not None and owner != name:
-            delattr(flags.FLAGS, flag)
-    return importlib.import_module(name)
 
 
 # A trial small enough for a test: the tiny model on short sequences.

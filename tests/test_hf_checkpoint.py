@@ -13,12 +13,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from conftest import REPO, import_program
-from mla_rmt import attention, checkpoint, hf_checkpoint, presets, rope, sharding, train
+from conftest import REPO
+from mla_rmt import analyze, attention, checkpoint, hf_checkpoint, presets, rope, sharding, train
 from mla_rmt import trial as trial_module
 from mla_rmt.model import Transformer
-
-analyze = import_program("mla_rmt.analyze")
 
 THETA = 50.0   # small, so that a dozen positions turn the rotary pairs far
 

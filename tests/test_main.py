@@ -4,12 +4,11 @@ import sys
 
 import pytest
 from absl import app, flags
-from conftest import REPO, import_program
+from conftest import REPO
 
-from mla_rmt import sweep
+from mla_rmt import main, sweep
 from configs import rope_budget_sweep
 
-main = import_program("mla_rmt.main")
 SWEEP = f"--config={REPO / 'configs/rope_budget_sweep.py'}:tiny"
 
 
