@@ -17,8 +17,7 @@ from test_attention import B, KINDS, T, build, inputs, make_cfg
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_scaled_centring_is_causal(kind):
-    rng = np.random.default_rng()
+def test_scaled_centring_is_causal(rng, kind):
     cfg = make_cfg(kind, rope_fraction=0.5, remove_gap=True, remove_gap_mode="scaled", q_latent_dim=24)
     x, positions = inputs(rng, cfg)
     module, variables = build(rng, cfg, x, positions)
@@ -31,8 +30,7 @@ def test_scaled_centring_is_causal(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mode", attention.GAP_MODES)
-def test_centring_against_float64(kind, mode):
-    rng = np.random.default_rng()
+def test_centring_against_float64(rng, kind, mode):
     cfg = make_cfg(kind, remove_gap=True, remove_gap_mode=mode)
     plain = make_cfg(kind, remove_gap=False)
     x, positions = inputs(rng, cfg)
@@ -64,8 +62,7 @@ def _sr_at_init(t, mode, draws, rng):
     return np.mean(out)
 
 
-def test_only_the_scaled_centring_grows_linearly_in_t():
-    rng = np.random.default_rng()
+def test_only_the_scaled_centring_grows_linearly_in_t(rng):
     ts = (64, 256)
     scaled = [_sr_at_init(t, "scaled", 4, rng) for t in ts]
     uniform = [_sr_at_init(t, "uniform", 4, rng) for t in ts]
