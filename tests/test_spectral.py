@@ -379,8 +379,10 @@ def test_classical_mp_framing_flags_the_init_bulk(rng):
 
 def test_planted_spike_above_bbp_is_found(rng):
     """X + theta u v^T, X n x k iid N(0, 1/n), gamma = k/n: an outlier iff theta > gamma^(1/4)
-    (BBP), at (1 + theta^2)(gamma + theta^2) / theta^2 in units of the bulk mean."""
-    n, k, draws = 1024, 256, 4
+    (BBP), at (1 + theta^2)(gamma + theta^2) / theta^2 in units of the bulk mean. One draw's
+    lambda_max / bulk_scale lies within sd ~3.3% of it (measured over 120 draws): the mean over
+    16 draws is held to 5% (6 sd) and each draw to 20% (6 sd); failure < 1e-7."""
+    n, k, draws = 1024, 256, 16
     gamma = k / n
     u = rng.standard_normal((draws, n, 1))
     v = rng.standard_normal((draws, k, 1))
@@ -396,7 +398,7 @@ def test_planted_spike_above_bbp_is_found(rng):
             assert np.all(got["outlier_count"] >= 1) and np.all(got["mp_gap"] >= 0.3)
             at = got["lambda_max"] / got["bulk_scale"]  # fluctuates O(n^-1/2) about `where`
             assert np.mean(at) == pytest.approx(where, rel=0.05)
-            assert np.all(np.abs(at / where - 1) < 0.1)
+            assert np.all(np.abs(at / where - 1) < 0.2)
         else:
             assert np.mean(got["mp_gap"]) < 0.05 and np.mean(got["outlier_count"]) <= 1
 
