@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -28,6 +29,15 @@ def data_cache(tmp_path_factory):
     cache = os.environ.get("MLA_RMT_TEST_CACHE") or str(tmp_path_factory.mktemp("mla_rmt_cache"))
     os.environ["MLA_RMT_CACHE"] = cache
     return pathlib.Path(cache)
+
+
+@pytest.fixture
+def rng():
+    """Fresh random inputs on every run; MLA_RMT_TEST_SEED=<seed> replays the seed printed here
+    (pytest shows it when the test fails)."""
+    seed = int(os.environ.get("MLA_RMT_TEST_SEED") or np.random.SeedSequence().entropy % 2**63)
+    print(f"seed={seed}")
+    return np.random.default_rng(seed)
 
 
 # A trial small enough for a test: the tiny model on short sequences.

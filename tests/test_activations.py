@@ -14,8 +14,7 @@ def _row_stochastic(rng, shape):
     return a / a.sum(-1, keepdims=True)
 
 
-def test_attention_stats_match_numpy():
-    rng = np.random.default_rng()
+def test_attention_stats_match_numpy(rng):
     probs = _row_stochastic(rng, (3, 2, 12, 12))
     mix = probs - 1.0 / 12
     got = jax.device_get(activations.attention_stats(jnp.asarray(mix, jnp.float32),
@@ -28,8 +27,7 @@ def test_attention_stats_match_numpy():
     np.testing.assert_allclose(got["attn_entropy_bits"], entropy, rtol=1e-4)
 
 
-def test_rep_stable_rank_matches_numpy_and_its_extremes():
-    rng = np.random.default_rng()
+def test_rep_stable_rank_matches_numpy_and_its_extremes(rng):
     x = rng.standard_normal((4, 10, 24))
     s = np.linalg.svd(x, compute_uv=False) ** 2                  # eigenvalues of X X^T
     want = ((s ** 2).sum(-1) / s[:, 0] ** 2).mean()
@@ -40,10 +38,10 @@ def test_rep_stable_rank_matches_numpy_and_its_extremes():
     np.testing.assert_allclose(float(activations.rep_stable_rank(jnp.asarray(isotropic, jnp.float32))), 10.0, rtol=1e-4)
 
 
-def test_probe_on_the_tiny_model_vanilla_against_remove_gap():
+def test_probe_on_the_tiny_model_vanilla_against_remove_gap(rng):
     config = presets.base_config()
     config.model.dtype = "float32"
-    tokens = np.random.default_rng().integers(0, config.model.vocab_size, (2, 32)).astype(np.int32)
+    tokens = rng.integers(0, config.model.vocab_size, (2, 32)).astype(np.int32)
     results = {}
     for remove_gap, mode in ((False, "uniform"), (True, "uniform"), (True, "scaled")):
         config.model.attention.remove_gap = remove_gap

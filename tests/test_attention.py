@@ -28,13 +28,6 @@ def make_cfg(kind="mha", preset=None, dtype="float32", impl="xla", **attn) -> Mo
     return ModelConfig.from_config(config.model)
 
 
-@pytest.fixture
-def rng():
-    seed = int(np.random.SeedSequence().entropy % 2**32)
-    print(f"seed {seed}")  # shown when a test fails
-    return np.random.default_rng(seed)
-
-
 def inputs(rng, cfg, t=T):
     x = rng.standard_normal((B, t, cfg.d_model)).astype(np.float32)
     positions = np.arange(t)[None, :] + rng.integers(0, 50, (B, 1))

@@ -38,8 +38,12 @@ def reference_draw(t, seed, draw):
             "sigma1_A": sv[0], "sigma2_A": sv[1], "fro2_causal_centred": np.sum((a_c - u) ** 2)}
 
 
-def test_paper_setup_matches_a_float64_reference():
-    seed, draws = int(np.random.default_rng().integers(1 << 30)), 6
+def test_paper_setup_matches_a_float64_reference(rng):
+    """The package's rows equal the reference's (same random numbers); the paper's findings on
+    the means. One draw's sr_centred fluctuates by ~20%: over 6 draws the ratio for T x4
+    measured 3.38 +- 0.31 (60 runs), so 12 draws (sd ~0.22) and a bound at 2.0 (6 sd; vanilla's
+    is ~1)."""
+    seed, draws = int(rng.integers(1 << 30)), 12
     rows = rank_collapse.run([50, 200], setup="paper", draws=draws, seed=seed)
     ref = {}
     for row in rows:
@@ -54,23 +58,22 @@ def test_paper_setup_matches_a_float64_reference():
     for t in (50, 200):
         assert 0.045 * t < ref[t]["sr_centred"] < 0.11 * t
         assert 0.99 < rows[[50, 200].index(t)]["sigma1_A"] < 1.05       # the Perron outlier
-    assert 2.5 < ref[200]["sr_centred"] / ref[50]["sr_centred"] < 5.5  # x4 in T
+    assert 2.0 < ref[200]["sr_centred"] / ref[50]["sr_centred"] < 5.5  # x4 in T: ~x3.4
 
 
-def test_paper_weights_are_lognormal_of_mean_and_variance_one():
-    w = np.exp(rank_collapse.paper_logits(1000, np.random.default_rng()))
+def test_paper_weights_are_lognormal_of_mean_and_variance_one(rng):
+    w = np.exp(rank_collapse.paper_logits(1000, rng))
     np.testing.assert_allclose([w.mean(), w.var()], [1.0, 1.0], rtol=0.05)
-    x0 = rank_collapse.haar_rows(30, 30, np.random.default_rng())
+    x0 = rank_collapse.haar_rows(30, 30, rng)
     np.testing.assert_allclose(x0 @ x0.T, np.eye(30), atol=1e-12)
-    rng = np.random.default_rng()                 # Haar: E tr(O) = 0 and E tr(O)^2 = 1
+    # Haar: E tr(O) = 0 and E tr(O)^2 = 1
     traces = [np.trace(rank_collapse.haar_rows(8, 8, rng)) for _ in range(4000)]
     assert abs(np.mean(traces)) < 0.1 and abs(np.mean(np.square(traces)) - 1) < 0.15
 
 
-def test_one_stable_rank_in_the_package():
+def test_one_stable_rank_in_the_package(rng):
     """The experiment's value and the activation probe's agree on the same matrices, and both
     are ||S||_F^2 / ||S||_2^2 of S = X X^T (not the stable rank of X itself)."""
-    rng = np.random.default_rng()
     t = 24
     mix = rank_collapse.mixers(rank_collapse.paper_logits(t, rng))
     xv = rank_collapse.haar_rows(t, t, rng) @ rng.standard_normal((t, t)) / np.sqrt(t)

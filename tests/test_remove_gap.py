@@ -17,8 +17,7 @@ from test_attention import B, KINDS, T, build, inputs, make_cfg
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_scaled_centring_is_causal(kind):
-    rng = np.random.default_rng()
+def test_scaled_centring_is_causal(rng, kind):
     cfg = make_cfg(kind, rope_fraction=0.5, remove_gap=True, remove_gap_mode="scaled", q_latent_dim=24)
     x, positions = inputs(rng, cfg)
     module, variables = build(rng, cfg, x, positions)
@@ -31,8 +30,7 @@ def test_scaled_centring_is_causal(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mode", attention.GAP_MODES)
-def test_centring_against_float64(kind, mode):
-    rng = np.random.default_rng()
+def test_centring_against_float64(rng, kind, mode):
     cfg = make_cfg(kind, remove_gap=True, remove_gap_mode=mode)
     plain = make_cfg(kind, remove_gap=False)
     x, positions = inputs(rng, cfg)
@@ -51,27 +49,28 @@ def test_centring_against_float64(kind, mode):
     np.testing.assert_allclose(attention.uncentre(jnp.asarray(mix, jnp.float32), mode), a, atol=1e-5)
 
 
-def _sr_at_init(t, mode, draws, rng):
-    """sr(P X0 W_V) on the paper's model with P the model's own centring of the causal A."""
-    out = []
-    for _ in range(draws):
-        g = rank_collapse.paper_logits(t, rng)
-        logits = np.where(np.tril(np.ones((t, t), bool)), g, -np.inf)
-        a_c = jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
-        mix = np.asarray(attention.centre(a_c, mode), np.float64)
-        xv = rank_collapse.haar_rows(t, t, rng) @ rng.standard_normal((t, t)) / np.sqrt(t)
-        out.append(stable_rank.of_tokens(mix @ xv))
-    return np.mean(out)
+def _sr_at_init(t, draws, rng):
+    """Mean sr(P X0 W_V) over draws of the paper's model, P each of the model's centrings of
+    the same causal A (both modes see the same draws): {mode: mean}."""
+    g = np.stack([rank_collapse.paper_logits(t, rng) for _ in range(draws)])
+    logits = np.where(np.tril(np.ones((t, t), bool)), g, -np.inf)
+    a_c = jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+    xv = np.stack([rank_collapse.haar_rows(t, t, rng) @ rng.standard_normal((t, t)) / np.sqrt(t)
+                   for _ in range(draws)])
+    return {mode: float(np.mean(stable_rank.of_tokens(np.asarray(attention.centre(a_c, mode), np.float64) @ xv)))
+            for mode in attention.GAP_MODES}
 
 
-def test_only_the_scaled_centring_grows_linearly_in_t():
-    rng = np.random.default_rng()
-    ts = (64, 256)
-    scaled = [_sr_at_init(t, "scaled", 4, rng) for t in ts]
-    uniform = [_sr_at_init(t, "uniform", 4, rng) for t in ts]
+def test_only_the_scaled_centring_grows_linearly_in_t(rng):
+    """One draw's stable rank fluctuates by ~20%: over 4 draws the ratio for T x4 measured
+    3.30 +- 0.48 (sd over 40 runs), so 32 draws per point (sd ~0.17) keep every bound >= 4.5 sd
+    away (failure ~1e-6), and the linear growth (ratio > 2.5) still far from A - U's ~1.2."""
+    ts, draws = (64, 256), 32
+    sr = [_sr_at_init(t, draws, rng) for t in ts]
+    scaled, uniform = [s["scaled"] for s in sr], [s["uniform"] for s in sr]
     for t, s in zip(ts, scaled):                       # ~0.05 T
         assert 0.03 * t < s < 0.09 * t
-    assert scaled[1] / scaled[0] > 2.8                 # T x4: about x4
+    assert scaled[1] / scaled[0] > 2.5                 # T x4: about x3.5
     assert uniform[1] / uniform[0] < 2.0               # A - U: far from linear
     assert scaled[1] > 3 * uniform[1]
 

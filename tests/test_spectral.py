@@ -3,8 +3,6 @@
 Every test draws a new seed (printed in failure messages, so a failure can be replayed with
 MLA_RMT_TEST_SEED=<seed>).
 """
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,13 +11,6 @@ import pytest
 from mla_rmt import spectral as sp
 
 TW1_MEAN = -1.2065  # mean of the real (beta = 1) Tracy–Widom law
-
-
-@pytest.fixture
-def rng():
-    seed = int(os.environ.get("MLA_RMT_TEST_SEED") or np.random.SeedSequence().entropy % 2**63)
-    print(f"seed={seed}")
-    return np.random.default_rng(seed)
 
 
 def gaussian(rng, *shape):
@@ -388,8 +379,10 @@ def test_classical_mp_framing_flags_the_init_bulk(rng):
 
 def test_planted_spike_above_bbp_is_found(rng):
     """X + theta u v^T, X n x k iid N(0, 1/n), gamma = k/n: an outlier iff theta > gamma^(1/4)
-    (BBP), at (1 + theta^2)(gamma + theta^2) / theta^2 in units of the bulk mean."""
-    n, k, draws = 1024, 256, 4
+    (BBP), at (1 + theta^2)(gamma + theta^2) / theta^2 in units of the bulk mean. One draw's
+    lambda_max / bulk_scale lies within sd ~3.3% of it (measured over 120 draws): the mean over
+    16 draws is held to 5% (6 sd) and each draw to 20% (6 sd); failure < 1e-7."""
+    n, k, draws = 1024, 256, 16
     gamma = k / n
     u = rng.standard_normal((draws, n, 1))
     v = rng.standard_normal((draws, k, 1))
@@ -405,7 +398,7 @@ def test_planted_spike_above_bbp_is_found(rng):
             assert np.all(got["outlier_count"] >= 1) and np.all(got["mp_gap"] >= 0.3)
             at = got["lambda_max"] / got["bulk_scale"]  # fluctuates O(n^-1/2) about `where`
             assert np.mean(at) == pytest.approx(where, rel=0.05)
-            assert np.all(np.abs(at / where - 1) < 0.1)
+            assert np.all(np.abs(at / where - 1) < 0.2)
         else:
             assert np.mean(got["mp_gap"]) < 0.05 and np.mean(got["outlier_count"]) <= 1
 
@@ -443,11 +436,15 @@ def test_lambda_plus_is_robust_to_outliers_holding_70pct_energy(rng):
 @pytest.mark.parametrize("planted", [4, 16, 24])
 def test_robust_bulk_scale_with_planted_values_holding_70pct_energy(rng, planted):
     """Null spectra of the 130M circuit (p = 64, float64 Gaussian chains); `planted` of the 64
-    values, chosen at random, replaced by values above the null's edge holding 70% of the energy. The trimmed median
-    match keeps lambda_plus within 10% of the clean spectrum's on average over draws (one draw's
-    bulk is 40-60 values, whose median carries ~8% sampling noise, so a single draw gets 20%);
-    plain median matching does not (it moves by ~+5/+25/+49%)."""
-    dims, draws = (768, 64, 768), 16
+    values, chosen at random, replaced by values above the null's edge holding 70% of the
+    energy. Plain median matching moves lambda_plus by ~+5/+25/+49%; the trimmed median match
+    keeps it where the clean spectrum's is, on average over draws. One draw's bulk is 40-60
+    values, whose median carries sampling noise: its move has mean ~0 and sd 0.056/0.073 (16/24
+    planted, measured over 192 draws), so the means are taken over 64 draws (sd 0.009): the
+    bounds 0.05 on the mean move and 0.1 on the mean |move| sit >= 5 sd away (failure < 1e-6),
+    and mean plain > 0.15 lies 14 sd below its +25%. Per draw, no bound on the noise: the scale
+    is checked as the fixed point it must be (the median match of the values below its edge)."""
+    dims, draws = (768, 64, 768), 64
     gammas = sp.chain_gammas(dims)
     law = sp.null_law(gammas)
     clean = chain_eigs(rng, dims, draws)
@@ -461,16 +458,21 @@ def test_robust_bulk_scale_with_planted_values_holding_70pct_energy(rng, planted
     np.testing.assert_allclose(share, 0.7, rtol=1e-9)
     edge = law.edge * np.median(clean, -1) / law.median
     assert np.all(np.sort(spiked, -1)[:, -planted] > edge)         # all above the null's edge
-    got = sp.mp_metrics(spiked.astype(np.float32), gammas)
+    spiked = spiked.astype(np.float32)
+    got = sp.mp_metrics(spiked, gammas)
     ref = sp.mp_metrics(clean.astype(np.float32), gammas)
     move = np.asarray(got["lambda_plus"]) / np.asarray(ref["lambda_plus"]) - 1
     plain = (np.median(spiked, -1) / np.median(clean, -1)) - 1        # what median matching does
-    print(f"{planted} planted: robust lambda_plus moves {np.round(move, 3)}, plain {np.round(plain, 3)}")
+    print(f"{planted} planted: robust lambda_plus moves mean {np.mean(move):.3f} (sd "
+          f"{np.std(move):.3f}), plain {np.mean(plain):.3f}")
     assert abs(np.mean(move)) < 0.05 and np.mean(np.abs(move)) < 0.1, move
-    assert np.all(np.abs(move) < 0.2), move
+    scale = np.asarray(got["bulk_scale"])
+    kept = spiked <= (scale * law.edge)[:, None]
+    refit = np.array([np.median(e[k]) for e, k in zip(spiked, kept)]) / law.median
+    np.testing.assert_allclose(scale, refit, rtol=1e-6)
     assert np.all(got["outlier_count"] >= planted)
     if planted >= 16:
-        assert np.mean(plain) > 0.2    # the failure the trimming repairs
+        assert np.mean(plain) > 0.15    # the failure the trimming repairs
 
 
 def test_robust_bulk_scale_leaves_init_alone(rng):

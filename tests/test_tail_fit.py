@@ -32,13 +32,13 @@ def _samples(rng):
             np.linalg.eigvalsh((lambda w: w.T @ w)(rng.standard_normal((200, 80))))]   # MP bulk
 
 
-def test_equals_the_written_out_recipe_and_powerlaw():
+def test_equals_the_written_out_recipe_and_powerlaw(rng):
     import powerlaw  # pylint: disable=import-outside-toplevel
-    rng = np.random.default_rng(0)
     for x in _samples(rng):
         got = tail_fit.fit(rng.permutation(x))
         ks, alpha, xmin, n = clauset_reference(x)
-        assert got["status"] == "ok"
+        # the MP bulk has no power-law tail: its best tail is short in ~1 draw of 10
+        assert got["status"] == ("ok" if n >= tail_fit.MIN_TAIL else "short_tail"), (got, n)
         np.testing.assert_allclose([got["alpha"], got["xmin"], got["ks_distance"], got["n_tail"]],
                                    [alpha, xmin, ks, n], rtol=1e-10)
         np.testing.assert_allclose(got["alpha_sigma"], (alpha - 1) / np.sqrt(n), rtol=1e-10)
@@ -50,35 +50,34 @@ def test_equals_the_written_out_recipe_and_powerlaw():
                                    rtol=1e-6)
 
 
-def test_finds_a_known_exponent():
-    rng = np.random.default_rng(1)
+def test_finds_a_known_exponent(rng):
+    """alpha - exponent is ~N(0, alpha_sigma) (sd 1.02 alpha_sigma over 687 fresh fits): 4.5
+    sigma leaves ~2e-5 per run for the three exponents."""
     for exponent in (2.2, 3.0, 4.5):
         x = rng.pareto(exponent - 1, 3000) + 1.0          # density ~ x^-exponent above 1
         got = tail_fit.fit(x)
-        assert abs(got["alpha"] - exponent) < 4 * got["alpha_sigma"] + 0.02, (exponent, got)
+        assert abs(got["alpha"] - exponent) < 4.5 * got["alpha_sigma"] + 0.02, (exponent, got)
 
 
-def test_scale_of_the_eigenvalues_changes_only_xmin():
-    x = _samples(np.random.default_rng(2))[1]
+def test_scale_of_the_eigenvalues_changes_only_xmin(rng):
+    x = _samples(rng)[1]
     a, b = tail_fit.fit(x), tail_fit.fit(37.5 * x)
     np.testing.assert_allclose([b["alpha"], b["ks_distance"], b["n_tail"]],
                                [a["alpha"], a["ks_distance"], a["n_tail"]], rtol=1e-9)
     np.testing.assert_allclose(b["xmin"], 37.5 * a["xmin"], rtol=1e-12)
 
 
-def test_status_says_when_not_to_believe_it():
+def test_status_says_when_not_to_believe_it(rng):
     assert tail_fit.fit(np.arange(1.0, 10.0))["status"] == "too_few"           # 9 values
     assert np.isnan(tail_fit.fit([0.0] * 50 + [1.0] * 5)["alpha"])             # zeros do not count
     assert tail_fit.fit(np.ones(40))["status"] == "failed"
     # A bulk with a handful of values far above it: the best tail is the handful.
-    rng = np.random.default_rng(3)
     x = np.concatenate([rng.uniform(1.0, 1.01, 200), [50.0, 80.0, 200.0, 900.0]])
     got = tail_fit.fit(x)
     assert got["status"] == "short_tail" and got["n_tail"] < tail_fit.MIN_TAIL
 
 
-def test_fit_spectra_keeps_the_layer_and_head_axes():
-    rng = np.random.default_rng(4)
+def test_fit_spectra_keeps_the_layer_and_head_axes(rng):
     eigs = rng.pareto(2.0, (3, 2, 64)) + 1.0
     fits = tail_fit.fit_spectra(eigs)
     assert np.shape(fits["alpha"]) == (3, 2) and np.shape(fits["status"]) == (3, 2)
