@@ -146,16 +146,6 @@ def chain_gammas(dims: Sequence[int]) -> tuple[float, ...]:
     return tuple(sorted(min(dims) / d for d in rest))
 
 
-def null_gammas_for_product(n: int, k: int) -> tuple[float, float]:
-    """Gammas for A @ B^T with A, B iid Gaussian n x k: the chain (n, k, n).
-
-    qk_circuit C_h = W_Q^h W_K^hT (W in R^{d_in x d_qk}): n = d_in, k = d_qk -> (d_qk/d_in,) * 2.
-    qk_gram G = W_Q^T W_K / d_in (W in R^{d_in x m}): n = m, k = d_in -> (m/d_in,) * 2 if
-    m <= d_in, else rank d_in and (d_in/m,) * 2.
-    """
-    return chain_gammas((n, k, n))  # type: ignore[return-value]
-
-
 def canonical_gammas(gammas) -> tuple[float, ...]:
     """Sorted gammas in (0, 1]: gamma = 0 (an infinitely wide factor) is dropped, and gammas > 1
     are re-expressed on the smallest space (only the p = min nonzero eigenvalues count)."""

@@ -97,8 +97,7 @@ def test_esd_jit_vmap_and_no_gradient(rng):
 
 def test_gamma_bookkeeping():
     assert sp.chain_gammas((768, 64, 768)) == (1 / 12, 1 / 12)
-    assert sp.null_gammas_for_product(768, 64) == (1 / 12, 1 / 12)  # qk_circuit, 130M
-    assert sp.null_gammas_for_product(256, 128) == (0.5, 0.5)  # qk_gram with m > d_in: roles swap
+    assert sp.chain_gammas((256, 128, 256)) == (0.5, 0.5)  # qk_gram with m > d_in: roles swap
     assert sp.chain_gammas((768, 64, 384, 768)) == (1 / 12, 1 / 12, 1 / 6)  # MLA circuit
     assert sp.chain_gammas((768, 384, 768, 768)) == sp.chain_gammas((768, 768, 384, 768))  # order
     assert sp.canonical_gammas((4.0,)) == (0.25,)  # gamma > 1: the p = min nonzero values count
@@ -407,7 +406,7 @@ def test_lambda_plus_is_robust_to_outliers_holding_70pct_energy(rng):
     """qk_circuit (130M shape) with r = 3 planted directions shared by the query and key factors:
     outliers hold ~70% of the energy, yet lambda_plus moves by < 10%."""
     n, k, r, draws = 768, 64, 3, 8
-    gammas = sp.null_gammas_for_product(n, k)
+    gammas = sp.chain_gammas((n, k, n))
     a, b = gaussian(rng, draws, n, k), gaussian(rng, draws, n, k)
     x = np.linalg.qr(rng.standard_normal((draws, k, r)))[0]  # shared directions in R^k
     u = rng.standard_normal((draws, n, r)) / np.sqrt(n)
