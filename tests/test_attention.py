@@ -57,7 +57,8 @@ def np_rotate(x_BxTxHxK, positions_BxT, rope_dims, theta):
 
 
 def np_qkv(cfg, p, x, positions):
-    """Per-kind q, k, v written out in numpy from each kind's definition (the class docstrings of mla_rmt/attention.py)."""
+    """Per-kind q, k, v written out in numpy from each kind's definition (the class docstrings
+    of mla_rmt/attention.py)."""
     x = np.asarray(x, np.float64)
     pos = np.asarray(positions, np.float64)
     rot = lambda a, r=cfg.rope_dims: np_rotate(a, pos, r, cfg.rope_theta)  # noqa: E731
