@@ -127,11 +127,6 @@ def weight_spectra(params, cfg: ModelConfig, specs: tuple[Matrix, ...]) -> dict[
             for m in specs}
 
 
-def empty_like(tree):
-    """Zeros with the structure of the diagnostics: the branch of steps that skip them."""
-    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
-
-
 HEAD_REDUCTIONS = {"head_mean": np.mean, "head_max": np.max}
 
 
