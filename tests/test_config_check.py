@@ -1,0 +1,21 @@
+"""mla_rmt/config_check.py: a bad field fails before anything compiles, naming the field."""
+import pytest
+
+from mla_rmt import config_check, presets
+from mla_rmt.model_config import ConfigError
+
+
+def test_train_config_errors_name_the_field():
+    config = presets.base_config()
+    config.train.num_steps = 0
+    with pytest.raises(ConfigError, match="config.train.num_steps"):
+        config_check.validate(config)
+
+@pytest.mark.parametrize("field, value", [("microbatch_size", 5), ("microbatch_size", -1),
+                                          ("loss_chunk_tokens", -2)])
+def test_train_step_settings_errors_name_the_field(field, value):
+    config = presets.base_config()
+    config.data.global_batch_size = 32
+    config.train[field] = value
+    with pytest.raises(ConfigError, match=f"config.train.{field}"):
+        config_check.validate(config)
