@@ -65,8 +65,8 @@ def _non_finite(what: str, step: int, workdir: str, ckpt: checkpoint.Checkpointe
 
 
 def every(period: int, step: int) -> bool:
-    """The cadence of every periodic action of the loop: step is a positive multiple of period
-    (a period of 0 is off)."""
+    """The cadence of every periodic action of the loop: step is a multiple of period (a period
+    of 0 is off)."""
     return period > 0 and step % period == 0
 
 
