@@ -82,3 +82,19 @@ def test_model_config_errors_name_the_field(field, value, name):
     config.model[field] = value
     with pytest.raises(ConfigError, match=name):
         ModelConfig.from_config(config.model)
+
+
+def test_model_fields_are_declared_once_in_model_config():
+    """presets' config.model is built from ModelConfig's fields, and from_config reads each back."""
+    import dataclasses  # pylint: disable=import-outside-toplevel
+    model = presets.base_config().model
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    assert set(model.keys()) - {"attention", "preset"} | set(model.attention.keys()) == set(fields)
+    config = presets.base_config()
+    config.model.update(rope_theta=500.0, scan_unroll=2)
+    config.model.attention.update(kind="gqa", num_kv_heads=2, remove_gap=True, remove_gap_mode="scaled")
+    cfg = ModelConfig.from_config(config.model)
+    assert (cfg.rope_theta, cfg.scan_unroll, cfg.kind, cfg.num_kv_heads, cfg.remove_gap,
+            cfg.remove_gap_mode) == (500.0, 2, "gqa", 2, True, "scaled")
+    defaults = ModelConfig.from_config(presets.base_config().model)   # zeros stand for defaults
+    assert (defaults.scan_unroll, defaults.num_kv_heads, defaults.kv_latent_dim) == (4, 4, 64)
