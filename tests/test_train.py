@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import FAST, REPO, main_command, read_scalars, run_main
+from conftest import REPO, main_command, read_scalars, run_main
 from kill_during_save import POINTS
 from test_sweep import hparams_data
 
@@ -145,16 +145,24 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_pa
     assert max(steps) < failed_at
 
 
+def test_bad_config_fails_the_trial_naming_the_field(tmp_path):
+    proc = run_main(tmp_path, "--config.model.d_model=130")
+    assert proc.returncode == 1
+    assert "config.model.d_model" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("override, field", [
-    ("--config.model.d_model=130", "config.model.d_model"),
-    ("--config.model.attention.rope_fraction=0.03125", "config.model.attention.rope_fraction"),
-    ("--config.model.attention.kind=nope_attention", "config.model.attention.kind"),
-    ("--config.data.source=text_files", "config.data.text_glob"),
+    ({"model.d_model": 130}, "config.model.d_model"),
+    ({"model.attention.rope_fraction": 0.03125}, "config.model.attention.rope_fraction"),
+    ({"model.attention.kind": "nope_attention"}, "config.model.attention.kind"),
+    ({"data.source": "text_files"}, "config.data.text_glob"),
 ])
 def test_bad_config_fails_before_compilation_naming_the_field(tmp_path, override, field):
-    proc = run_main(tmp_path, override)
-    assert proc.returncode == 1
-    assert field in proc.stderr, proc.stderr[-2000:]
+    from mla_rmt import presets, sweep, train  # pylint: disable=import-outside-toplevel
+    from mla_rmt.model_config import ConfigError  # pylint: disable=import-outside-toplevel
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        train.train_and_evaluate(sweep.apply(presets.base_config(), override), str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()
 
 
