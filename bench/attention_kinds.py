@@ -12,7 +12,8 @@ import time
 import jax
 import numpy as np
 
-from mla_rmt import attention, presets, sharding, train
+from mla_rmt import attention, config_check, presets, sharding
+from mla_rmt.step import make_trainer
 from mla_rmt.model import param_count
 
 VARIANTS = (("mha", {}), ("gqa", {"num_kv_heads": 2}), ("mla_prerope", {}),
@@ -32,9 +33,9 @@ def variant_config(preset: str, kind: str, options: dict):
 
 
 def tokens_per_sec(config, steps: int) -> float:
-    cfg = train.validate_config(config)
+    cfg = config_check.validate(config)
     mesh = sharding.make_mesh(config.mesh)
-    trainer = train.make_trainer(config, cfg, mesh)
+    trainer = make_trainer(config, cfg, mesh)
     state = trainer.init_state(jax.random.key(0))
     b, t = config.data.global_batch_size, config.data.seq_len
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, t + 1), dtype=np.int32)
@@ -59,7 +60,7 @@ def main():
     print("| --- | ---: | ---: | ---: | ---: |")
     for kind, options in VARIANTS:
         config = variant_config(args.preset, kind, options)
-        cfg = train.validate_config(config)
+        cfg = config_check.validate(config)
         name = kind + "".join(f", {k}={v}" for k, v in options.items())
         speed = f"{tokens_per_sec(config, args.steps):,.0f}" if args.steps else "-"
         print(f"| {name} | {param_count(cfg):,} | {attention.param_count(cfg):,} | "

@@ -8,7 +8,7 @@
 # 1. installs the packages the GPU image lacks from the carried wheels/ (bench/make_wheels.sh
 #    makes it; pip's resolver checks them against what the image has, nothing is downloaded),
 # 2. installs this package editable (no deps, no build isolation),
-# 3. runs the script; with $OUT set, its output is also written to $OUT/<script>.log.
+# 3. runs the script as a module of the bench package; with $OUT set, its output is also written to $OUT/<script>.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { echo "usage: bash bench/gpu_suite.sh bench/SCRIPT.py [ARGS...]"; exit 2; }
@@ -55,12 +55,13 @@ def version(n):
     except m.PackageNotFoundError:
         return "-"
 print("== python", sys.version.split()[0], "|", ", ".join(f"{n} {version(n)}" for n in names))
-import mla_rmt.train  # every import the benchmarks need
+import bench.throughput, mla_rmt.train  # every import the benchmarks need
 PY
 
 script=$1; shift
+module=$(echo "${script%.py}" | tr / .)   # bench/throughput.py -> bench.throughput (a package)
 if [ -n "${OUT:-}" ]; then
-  $PY "$script" "$@" 2>&1 | tee "$OUT/$(basename "$script" .py).log"
+  $PY -m "$module" "$@" 2>&1 | tee "$OUT/$(basename "$script" .py).log"
 else
-  $PY "$script" "$@"
+  $PY -m "$module" "$@"
 fi

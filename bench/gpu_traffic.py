@@ -2,9 +2,9 @@
 without a GPU: where a change to the model moves bytes, before any GPU time is spent.
 
     pip install "jax[cuda13]==$(python -c 'import jax; print(jax.__version__)')"   # no GPU needed
-    python bench/gpu_traffic.py                                   # LLaMA-130M mha, whole batch
-    python bench/gpu_traffic.py --variants="base;train.loss_chunk_tokens=0" --top=20
-    python bench/gpu_traffic.py --dump=/tmp/step.hlo               # also keep the HLO text
+    python -m bench.gpu_traffic                                   # LLaMA-130M mha, whole batch
+    python -m bench.gpu_traffic --variants="base;train.loss_chunk_tokens=0" --top=20
+    python -m bench.gpu_traffic --dump=/tmp/step.hlo               # also keep the HLO text
 
 JAX compiles the step ahead of time against a described device (`--target`, an XLA
 GpuTargetConfig text proto) instead of a present one (`jax.experimental.topologies`), with
@@ -28,7 +28,7 @@ import re
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench.variants import add_step_args, compile_step, variant_config
 
 DEFAULT_TARGET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "h100_target.txtpb")
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
@@ -228,17 +228,17 @@ def kernels(text: str):
 # The step ------------------------------------------------------------------------------------
 
 def compile_step_hlo(args, spec: str, topology) -> str:
-    import profile_step  # pylint: disable=import-outside-toplevel
-    from mla_rmt import sharding, train  # pylint: disable=import-outside-toplevel
+    from mla_rmt import config_check, sharding  # pylint: disable=import-outside-toplevel
+    from mla_rmt.step import make_trainer  # pylint: disable=import-outside-toplevel
 
-    base = profile_step.parse_args(["--kind", args.kind])
+    base = add_step_args(argparse.Namespace(kind=args.kind))
     base.microbatch = args.microbatch
-    config = profile_step.variant_config(base, spec)
+    config = variant_config(base, spec)
     if config.model.attention_impl == "auto":   # what "auto" picks on a GPU (this process has none)
         config.model.attention_impl = "cudnn"
-    cfg = train.validate_config(config)
+    cfg = config_check.validate(config)
     mesh = sharding.make_mesh(config.mesh, devices=topology.devices)
-    return profile_step.compile_step(config, mesh, train.make_trainer(config, cfg, mesh)).as_text()
+    return compile_step(config, mesh, make_trainer(config, cfg, mesh)).as_text()
 
 
 def report(rows, args) -> tuple[str, dict]:

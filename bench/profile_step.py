@@ -1,9 +1,9 @@
 """Where a train step's time goes: variants of one config timed side by side, and a kernel
 table from a profiler trace.
 
-    python bench/profile_step.py                                   # LLaMA-130M mha on the GPU
-    python bench/profile_step.py --variants="base;train.microbatch_size=256"
-    python bench/profile_step.py --tiny --steps=2                  # CPU check
+    python -m bench.profile_step                                   # LLaMA-130M mha on the GPU
+    python -m bench.profile_step --variants="base;train.microbatch_size=256"
+    python -m bench.profile_step --tiny --steps=2                  # CPU check
 
 Each variant is the base config (bench/throughput.py's: preset, seq, global batch,
 microbatches, diagnostics off) with `;`-separated groups of `a.b=value` overrides
@@ -14,7 +14,7 @@ share of the step each takes and how much of the step the device is busy at all.
 --traffic, the trace is joined with the bytes bench/gpu_traffic.py counts for each kernel of
 the compiled step: which kernels run far below the memory bandwidth.
 
-    python bench/profile_step.py --variants=base --traffic --hlo_out=$OUT
+    python -m bench.profile_step --variants=base --traffic --hlo_out=$OUT
 """
 import argparse
 import collections
@@ -24,13 +24,11 @@ import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import throughput  # noqa: E402  pylint: disable=wrong-import-position
+from bench import gpu_traffic, throughput
+from bench.variants import add_step_args, compile_step, variant_config
 
 DEFAULT_VARIANTS = ";".join([
     "base",
@@ -59,29 +57,7 @@ def parse_args(argv=None):
                    "(bench/gpu_traffic.py): measured ms and TB/s by source")
     p.add_argument("--hlo_out", default="", help="write each variant's optimized HLO here (.hlo.gz)")
     args = p.parse_args(argv)
-    base = throughput.parse_args(["--tiny"] if args.tiny else [])
-    for key in ("preset", "seq", "batch", "microbatch", "rope_fraction", "kv_latent_dim",
-                "attention_impl", "loss_chunk_tokens", "remat"):
-        setattr(args, key, getattr(base, key))
-    return args
-
-
-def parse_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"True": True, "False": False}.get(text, text)
-
-
-def variant_config(args, spec: str):
-    from mla_rmt import sweep  # pylint: disable=import-outside-toplevel
-    config = throughput.jax_config(args, args.kind, 0, "")
-    if spec == "base":
-        return config
-    overrides = dict(item.split("=", 1) for item in spec.split(","))
-    return sweep.apply(config, {k.strip(): parse_value(v.strip()) for k, v in overrides.items()})
+    return add_step_args(args, args.tiny)
 
 
 def kernel_group(name: str) -> str:
@@ -153,7 +129,6 @@ def traffic_table(hlo_text: str, by_name, steps: int, top: int, bandwidth: float
     the compiled step: measured ms and achieved TB/s by source, and the kernels furthest from
     `bandwidth`. A kernel that several identical fusions share is split among their sources by
     bytes."""
-    import gpu_traffic  # pylint: disable=import-outside-toplevel
     rows = [r for r in gpu_traffic.kernels(hlo_text) if r["kind"] not in ("matmul", "attention (cuDNN)")]
     kernel_of = {_kernel_key(r["name"]): r["kernel"] for r in rows}
     members = collections.defaultdict(list)
@@ -195,33 +170,22 @@ def traffic_table(hlo_text: str, by_name, steps: int, top: int, bandwidth: float
     return "\n".join(lines)
 
 
-def compile_step(config, mesh, trainer):
-    """The trainer's step compiled ahead of time for the config's global batch on the mesh."""
-    import jax  # pylint: disable=import-outside-toplevel
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
-    from mla_rmt import sharding  # pylint: disable=import-outside-toplevel
-    batch = jax.ShapeDtypeStruct((config.data.global_batch_size, config.data.seq_len), jnp.int32,
-                                 sharding=sharding.batch_sharding(mesh))
-    return trainer.train_step.lower(trainer.abstract_state,
-                                    {"inputs": batch, "targets": batch}).compile()
-
-
 def main(argv=None):
     args = parse_args(argv)
     import jax  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
 
-    from mla_rmt import sharding, train  # pylint: disable=import-outside-toplevel
+    from mla_rmt import config_check, sharding  # pylint: disable=import-outside-toplevel
+    from mla_rmt.step import make_trainer  # pylint: disable=import-outside-toplevel
     from mla_rmt.model import flops_per_token  # pylint: disable=import-outside-toplevel
 
     specs = [s.strip() for s in args.variants.split(";") if s.strip()]
     built = {}
     for spec in specs:
         config = variant_config(args, spec)
-        cfg = train.validate_config(config)
+        cfg = config_check.validate(config)
         mesh = sharding.make_mesh(config.mesh)
-        built[spec] = (config, cfg, mesh, train.make_trainer(config, cfg, mesh))
+        built[spec] = (config, cfg, mesh, make_trainer(config, cfg, mesh))
 
     def compile_one(spec):
         config, _, mesh, trainer = built[spec]

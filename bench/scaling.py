@@ -3,7 +3,7 @@
     python bench/scaling.py                     # LLaMA-130M, seq 256, 128 rows per device
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python bench/scaling.py --tiny   # CPU check
 
-The real train step (mla_rmt.train.make_trainer) on a mesh of 1 device and on one of all
+The real train step (mla_rmt.step.make_trainer) on a mesh of 1 device and on one of all
 devices along the 'data' axis (parameters and optimizer state replicated, the batch split,
 gradients all-reduced by XLA), synthetic tokens, bf16 compute / fp32 params, diagnostics off.
 Both steps compile first (in parallel), then each runs --warmup steps and --steps timed ones
@@ -39,7 +39,8 @@ def main():
     import jax  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
 
-    from mla_rmt import presets, sharding, train  # pylint: disable=import-outside-toplevel
+    from mla_rmt import config_check, presets, sharding  # pylint: disable=import-outside-toplevel
+    from mla_rmt.step import make_trainer  # pylint: disable=import-outside-toplevel
     from mla_rmt.model import flops_per_token  # pylint: disable=import-outside-toplevel
 
     devices = jax.devices()
@@ -56,9 +57,9 @@ def main():
         config.data.global_batch_size = args.per_device_batch * n
         config.train.microbatch_size = args.per_device_microbatch * n
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = n, 1, 1
-        cfg = train.validate_config(config)
+        cfg = config_check.validate(config)
         mesh = sharding.make_mesh(config.mesh, devices[:n])
-        trainer = train.make_trainer(config, cfg, mesh)
+        trainer = make_trainer(config, cfg, mesh)
         batch_spec = jax.ShapeDtypeStruct((config.data.global_batch_size, args.seq), np.int32,
                                           sharding=sharding.batch_sharding(mesh))
         t0 = time.perf_counter()

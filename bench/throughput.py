@@ -5,19 +5,19 @@
     python bench/throughput.py --kinds=mha,gqa --modes=off,every250 --no_torch
 
 Synthetic tokens (the model's speed, not the input pipeline's), bf16 compute / fp32 params, the
-real train step (`mla_rmt.train.make_trainer`: chunked loss, gradient accumulation over
+real train steps (`mla_rmt.step.make_trainer`: chunked loss, gradient accumulation over
 --microbatch rows, donated state). For each kind x mode: --warmup steps, then --steps timed with
 one block_until_ready at each end of the window. Modes:
 
-  off                 diagnostics off (no lax.cond compiled at all)
+  off                 diagnostics off: the trainer's plain step (Trainer.train_step)
   every250            weight spectra of the default matrices every 250 steps (configs/rope_budget_sweep.py),
-                      timed as the trainer runs it: a window of 250 steps, one with the spectra
-                      (the lax.cond step) and 249 with the plain step (the executable of "off")
+                      timed as the trainer runs it (Trainer.step_for): a window of 250 steps, one
+                      spectra step (Trainer.spectra_step) and 249 plain steps (the executable of "off")
   all_every1          spectra of the default matrices every step
   qk_circuit_every1   spectra of the per-head qk_circuit only, every step
 
-every250 and all_every1 share one executable (`every` is a traced argument), so each kind
-compiles up to 3 steps; all compile up front on a thread pool (--compile_workers), then run one at a
+every250 and all_every1 share one executable (the spectra step), so each kind compiles up to
+3 steps; all compile up front on a thread pool (--compile_workers), then run one at a
 time, so compilation never overlaps a timed window.
 
 The JAX part and the PyTorch part (transformers' LlamaForCausalLM of the same sizes,
@@ -181,7 +181,8 @@ def jax_part(args) -> dict:
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
 
-    from mla_rmt import attention, sharding, train  # pylint: disable=import-outside-toplevel
+    from mla_rmt import attention, config_check, sharding  # pylint: disable=import-outside-toplevel
+    from mla_rmt.step import make_trainer  # pylint: disable=import-outside-toplevel
     from mla_rmt.model import flops_per_token, param_count  # pylint: disable=import-outside-toplevel
 
     start = time.perf_counter()
@@ -204,9 +205,9 @@ def jax_part(args) -> dict:
         for exe in needed:
             every, matrices = EXECUTABLES[exe]
             config = jax_config(args, kind, every, matrices)
-            cfg = train.validate_config(config)
+            cfg = config_check.validate(config)
             mesh = sharding.make_mesh(config.mesh)
-            trainer = train.make_trainer(config, cfg, mesh)
+            trainer = make_trainer(config, cfg, mesh)
             built[kind, exe] = (config, cfg, mesh, trainer)
     info = {}
     for kind in kinds:
@@ -219,12 +220,9 @@ def jax_part(args) -> dict:
           f"tokens, attention_impl {args.attention_impl}, remat {args.remat}", flush=True)
 
     def jitted(kind, exe):
-        _, _, mesh, trainer = built[kind, exe]
-        return jax.jit(lambda state, batch, every: trainer.step_fn(state, batch, every=every),
-                       in_shardings=(trainer.state_shardings, sharding.batch_sharding(mesh),
-                                     sharding.replicated(mesh)),
-                       out_shardings=(trainer.state_shardings, sharding.replicated(mesh)),
-                       donate_argnums=0)
+        """The trainer's own jitted step: the plain one for "off", else the spectra step."""
+        trainer = built[kind, exe][3]
+        return trainer.train_step if exe == "off" else trainer.spectra_step
 
     def abstract_batch(mesh):
         spec = jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32,
@@ -234,8 +232,7 @@ def jax_part(args) -> dict:
     def compile_one(kind, exe, impl_note=""):
         t0 = time.perf_counter()
         _, _, mesh, trainer = built[kind, exe]
-        every = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
-        compiled = jitted(kind, exe).lower(trainer.abstract_state, abstract_batch(mesh), every).compile()
+        compiled = jitted(kind, exe).lower(trainer.abstract_state, abstract_batch(mesh)).compile()
         return compiled, time.perf_counter() - t0, impl_note
 
     def compile_with_fallback(kind, exe):
@@ -251,8 +248,8 @@ def jax_part(args) -> dict:
             config, cfg, mesh, _ = built[kind, exe]
             config = jax_config(args, kind, *EXECUTABLES[exe])
             config.model.attention_impl = "xla"
-            cfg = train.validate_config(config)
-            built[kind, exe] = (config, cfg, mesh, train.make_trainer(config, cfg, mesh))
+            cfg = config_check.validate(config)
+            built[kind, exe] = (config, cfg, mesh, make_trainer(config, cfg, mesh))
             return compile_one(kind, exe, impl_note="xla fallback")
 
     jobs = [(kind, exe) for kind in kinds for exe in needed]
@@ -301,21 +298,20 @@ def jax_part(args) -> dict:
             steps = args.steps_every1 if every == 1 else args.steps
             if state is None:
                 state = trainer.init_state(jax.random.key(0))
-            one = jax.device_put(jnp.asarray(1, jnp.int32), sharding.replicated(mesh))
             window = [executable] * steps
             if mode == "every250":
-                # What the trainer runs (Trainer.step_for): one step with the spectra cond (its
-                # predicate true), then every - 1 plain steps, the executable of "off".
+                # What the trainer runs (Trainer.step_for): one spectra step, then every - 1
+                # plain steps, the executable of "off".
                 steps = every
                 window = [executable] + [compiled[kind, "off"][0]] * (every - 1)
             try:
                 for exe in dict.fromkeys(window):
                     for _ in range(args.warmup):
-                        state, metrics = exe(state, batch, one)
+                        state, metrics = exe(state, batch)
                 jax.block_until_ready((state, metrics))
                 t1 = time.perf_counter()
                 for exe in window:
-                    state, metrics = exe(state, batch, one)
+                    state, metrics = exe(state, batch)
                 jax.block_until_ready((state, metrics))
                 seconds = (time.perf_counter() - t1) / steps
             except Exception as e:  # pylint: disable=broad-except

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from mla_rmt import rope
-from mla_rmt.model_config import ConfigError, ModelConfig
+from mla_rmt import model_config
+from mla_rmt.model_config import GAP_MODES, ConfigError, ModelConfig  # GAP_MODES: re-exported
 
 _KINDS: dict[str, type["Attention"]] = {}
 
@@ -77,6 +78,7 @@ def chain_matrices(cfg: ModelConfig, dims, q_latent=(), k_latent=(), key_groups=
 def register(name: str) -> Callable[[type["Attention"]], type["Attention"]]:
     def wrap(cls):
         _KINDS[name] = cls
+        model_config.KIND_CHECKS[name] = cls.check_config
         cls.kind_name = name
         return cls
     return wrap
@@ -91,10 +93,6 @@ def get(kind: str) -> type["Attention"]:
         raise ConfigError(f"config.model.attention.kind: unknown attention kind {kind!r}; "
                           f"registered kinds: {kinds()}")
     return _KINDS[kind]
-
-
-def validate(cfg: ModelConfig) -> None:
-    get(cfg.kind).check_config(cfg)
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig) -> int:
@@ -135,9 +133,6 @@ def _mm(a, b):
 def dense_init(fan_in: int):
     """iid Gaussian with variance 1/fan_in: the null model the spectral diagnostics assume."""
     return nn.initializers.normal(stddev=fan_in ** -0.5)
-
-
-GAP_MODES = ("uniform", "scaled")   # config.model.attention.remove_gap_mode
 
 
 def causal_uniform(t: int, dtype=jnp.float32):

@@ -347,10 +347,7 @@ def _shard_layout(config: ml_collections.ConfigDict, process_count: int) -> tupl
     global batch depends on num_shards, never on how many processes read it, so a run with a
     fixed num_shards sees the same batches on 1 process as on num_shards processes.
     """
-    d = config.data
-    for field in ("seq_len", "global_batch_size"):
-        if d[field] <= 0:
-            raise ConfigError(f"config.data.{field}: must be positive, got {d[field]}")
+    d = config.data     # seq_len and global_batch_size are positive: validate()
     num_shards = d.num_shards or process_count
     if num_shards % process_count:
         raise ConfigError(f"config.data.num_shards: {num_shards} shards do not split over "

@@ -127,11 +127,6 @@ def weight_spectra(params, cfg: ModelConfig, specs: tuple[Matrix, ...]) -> dict[
             for m in specs}
 
 
-def empty_like(tree):
-    """Zeros with the structure of the diagnostics: the branch of steps that skip them."""
-    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
-
-
 _HEAD_REDUCTIONS = dict(zip(tags.HEAD_REDUCTIONS, (np.mean, np.max)))
 
 

@@ -17,6 +17,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from mla_rmt import checkpoint, distributed, hparams, sweep, train, workdir as workdir_lib
+from mla_rmt.preemption import PREEMPTED_EXIT_CODE
 from mla_rmt.model_config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file[:arg].",
@@ -34,7 +35,6 @@ _ALLOW_CHANGE = flags.DEFINE_bool(
     "workdir's config_history.jsonl.")
 flags.mark_flags_as_required(["config"])
 
-PREEMPTED_EXIT_CODE = train.PREEMPTED_EXIT_CODE
 # Errors that end a trial with a message rather than a traceback; any other exception ends it
 # with its traceback. Either way the next trial runs.
 TRIAL_ERRORS = (ConfigError, FloatingPointError, FileNotFoundError, KeyError, ValueError,

@@ -4,6 +4,7 @@ Validation runs here, before any array is built, so a bad config fails with the
 name of the field instead of a shape error deep inside compilation.
 """
 import dataclasses
+from typing import Callable
 
 import jax.numpy as jnp
 import ml_collections
@@ -15,46 +16,73 @@ class ConfigError(ValueError):
     """A config field has a value the model cannot be built with."""
 
 
+# The checks of each attention kind's own fields, by kind name. mla_rmt.attention registers
+# every kind's check_config here, since it imports this module (and this module not it).
+KIND_CHECKS: dict[str, Callable[["ModelConfig"], None]] = {}
+GAP_MODES = ("uniform", "scaled")   # model.attention.remove_gap_mode
+ATTENTION = {"section": "attention"}  # field metadata: the field lives in config.model.attention
+
+
+def _attention(default):
+    return dataclasses.field(default=default, metadata=ATTENTION)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    num_layers: int
-    d_model: int
-    num_heads: int
-    d_head: int
-    mlp_dim: int
-    vocab_size: int
-    rope_theta: float
-    norm_eps: float
-    dtype: str
-    param_dtype: str
-    remat: bool
-    scan_unroll: int
-    attention_impl: str
-    kind: str
-    rope_fraction: float
-    num_kv_heads: int
-    q_latent_dim: int
-    kv_latent_dim: int
-    remove_gap: bool
-    remove_gap_mode: str = "uniform"
+    """The model fields with their defaults; presets.base_config's `model` section is built
+    from them (default_config), and from_config reads them back, so each is declared here once."""
+    num_layers: int = 4
+    d_model: int = 128
+    num_heads: int = 4
+    d_head: int = 32
+    mlp_dim: int = 384
+    vocab_size: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dtype: str = "bfloat16"          # compute dtype of activations and matmuls
+    param_dtype: str = "float32"     # storage dtype of parameters and optimizer state
+    remat: bool = False              # rematerialise each layer in the backward pass
+    scan_unroll: int = 0             # layers per iteration of the layer scan; 0 = all of them: no
+                                     # loop, which on a GPU runs faster (BENCHMARKS.md), while
+                                     # params keep their stacked [layers, ...] layout either way
+    attention_impl: str = "auto"     # "auto" | "xla" | "cudnn": fused kernel where the kind allows
+    kind: str = _attention("mha")            # registered in mla_rmt.attention
+    rope_fraction: float = _attention(1.0)   # share f of each head's q/k dims that carry rotary
+                                             # (0 = NoPE)
+    num_kv_heads: int = _attention(0)        # gqa: key/value heads (0 = num_heads)
+    q_latent_dim: int = _attention(0)        # mla: query latent width (0 = no query compression)
+    kv_latent_dim: int = _attention(0)       # mla: key/value latent width (0 = d_model // 2)
+    remove_gap: bool = _attention(False)     # centred causal attention (docs/spectral.md,
+                                             # "Causal centring")
+    remove_gap_mode: str = _attention("uniform")  # with remove_gap: "uniform" A - U, "scaled"
+                                                  # diag(i/T)(A - U)
+
+    @classmethod
+    def default_config(cls, model: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+        """config.model's fields (attention ones under config.model.attention) with their
+        defaults, in declaration order, added to `model` (a new ConfigDict if None)."""
+        model = ml_collections.ConfigDict() if model is None else model
+        for f in dataclasses.fields(cls):
+            section = model
+            if f.metadata.get("section") == "attention":
+                if "attention" not in model:
+                    model.attention = ml_collections.ConfigDict()
+                section = model.attention
+            section[f.name] = f.default
+        return model
 
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict) -> "ModelConfig":
-        a = model.attention
-        cfg = cls(
-            num_layers=int(model.num_layers), d_model=int(model.d_model),
-            num_heads=int(model.num_heads), d_head=int(model.d_head), mlp_dim=int(model.mlp_dim),
-            vocab_size=int(model.vocab_size), rope_theta=float(model.rope_theta),
-            norm_eps=float(model.norm_eps), dtype=str(model.dtype),
-            param_dtype=str(model.param_dtype), remat=bool(model.remat),
-            scan_unroll=int(model.get("scan_unroll", 0)) or int(model.num_layers),
-            attention_impl=str(model.attention_impl), kind=str(a.kind),
-            rope_fraction=float(a.rope_fraction),
-            num_kv_heads=int(a.num_kv_heads) or int(model.num_heads),
-            q_latent_dim=int(a.q_latent_dim),
-            kv_latent_dim=int(a.kv_latent_dim) or int(model.d_model) // 2,
-            remove_gap=bool(a.remove_gap),
-            remove_gap_mode=str(a.get("remove_gap_mode", "uniform")))
+        """The validated view of config.model; a zero scan_unroll, num_kv_heads or kv_latent_dim
+        stands for its default (num_layers, num_heads, d_model // 2)."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            section = model.attention if f.metadata.get("section") == "attention" else model
+            values[f.name] = f.type(section[f.name])
+        values["scan_unroll"] = values["scan_unroll"] or values["num_layers"]
+        values["num_kv_heads"] = values["num_kv_heads"] or values["num_heads"]
+        values["kv_latent_dim"] = values["kv_latent_dim"] or values["d_model"] // 2
+        cfg = cls(**values)
         cfg.validate()
         return cfg
 
@@ -96,8 +124,9 @@ class ModelConfig:
         need(self.rope_dims % 2 == 0, "model.attention.rope_fraction",
              f"rotary dims rope_fraction * d_head = {self.rope_dims} must be even "
              "(rotary rotates pairs of dims)")
+        need(self.remove_gap_mode in GAP_MODES, "model.attention.remove_gap_mode",
+             f"must be one of {GAP_MODES}, got {self.remove_gap_mode!r}")
         # Kind-specific checks live with the kind, so a new kind brings its own.
-        from mla_rmt import attention  # pylint: disable=import-outside-toplevel
-        need(self.remove_gap_mode in attention.GAP_MODES, "model.attention.remove_gap_mode",
-             f"must be one of {attention.GAP_MODES}, got {self.remove_gap_mode!r}")
-        attention.validate(self)
+        need(self.kind in KIND_CHECKS, "model.attention.kind",
+             f"unknown attention kind {self.kind!r}; registered kinds: {sorted(KIND_CHECKS)}")
+        KIND_CHECKS[self.kind](self)

@@ -5,6 +5,8 @@ type-checked by ml_collections and a typo fails at the command line.
 """
 import ml_collections
 
+from mla_rmt.model_config import ModelConfig
+
 MODEL_PRESETS = {
     # Trains in minutes on 2 CPU cores on the embedded corpus.
     "tiny": dict(num_layers=4, d_model=128, num_heads=4, d_head=32, mlp_dim=384, vocab_size=2048),
@@ -20,30 +22,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.model = m = ml_collections.ConfigDict()
-    m.preset = "tiny"
-    m.num_layers = 4
-    m.d_model = 128
-    m.num_heads = 4
-    m.d_head = 32
-    m.mlp_dim = 384
-    m.vocab_size = 2048
-    m.rope_theta = 10000.0
-    m.norm_eps = 1e-5
-    m.dtype = "bfloat16"          # compute dtype of activations and matmuls
-    m.param_dtype = "float32"     # storage dtype of parameters and optimizer state
-    m.remat = False               # rematerialise each layer in the backward pass
-    m.scan_unroll = 0             # layers per iteration of the layer scan; 0 = all of them: no
-                                  # loop, which on a GPU runs 1.6x faster (BENCHMARKS.md), while
-                                  # params keep their stacked [layers, ...] layout either way
-    m.attention_impl = "auto"     # "auto" | "xla" | "cudnn": fused kernel where the kind allows
-    m.attention = a = ml_collections.ConfigDict()
-    a.kind = "mha"                # registered in mla_rmt.attention
-    a.rope_fraction = 1.0         # share f of each head's q/k dims that carry rotary (0 = NoPE)
-    a.num_kv_heads = 0            # gqa: key/value heads (0 = num_heads)
-    a.q_latent_dim = 0            # mla: query latent width (0 = no query compression)
-    a.kv_latent_dim = 0           # mla: key/value latent width (0 = d_model // 2)
-    a.remove_gap = False          # centred causal attention (docs/spectral.md, "Causal centring")
-    a.remove_gap_mode = "uniform" # with remove_gap: "uniform" A - U, "scaled" diag(i/T)(A - U)
+    m.preset = "tiny"             # the MODEL_PRESETS entry the sizes came from
+    ModelConfig.default_config(m)  # every model field, declared in ModelConfig
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "embedded"         # "embedded" | "text_files" | "tfds"

@@ -7,7 +7,8 @@ import json
 import ml_collections
 from etils import epath
 
-from mla_rmt import checkpoint, sharding, train
+from mla_rmt import checkpoint, config_check, sharding
+from mla_rmt.step import make_trainer
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -21,9 +22,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def restore(workdir: str, step: int | None = None):
     """(config, ModelConfig, params, step) of one checkpoint of a trial."""
     config = load_config(workdir)
-    cfg = train.validate_config(config)
+    cfg = config_check.validate(config)
     mesh = sharding.make_mesh(config.mesh)
-    trainer = train.make_trainer(config, cfg, mesh)
+    trainer = make_trainer(config, cfg, mesh)
     ckpt = checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), keep=1 << 30)
     try:
         steps = ckpt.all_steps()

@@ -13,7 +13,8 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from mla_rmt import checkpoint, presets, sharding, train  # pylint: disable=wrong-import-position
+from mla_rmt import checkpoint, presets, sharding  # pylint: disable=wrong-import-position
+from mla_rmt.step import make_trainer  # pylint: disable=wrong-import-position
 from mla_rmt.model_config import ModelConfig  # pylint: disable=wrong-import-position
 
 MESHES = {"1 device": (1, 1, 1), "data": (8, 1, 1), "data+fsdp": (2, 4, 1), "data+fsdp+tensor": (2, 2, 2)}
@@ -29,7 +30,7 @@ def make(kind: str, shape):
     config.optim.warmup_steps = 1
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
     mesh = sharding.make_mesh(config.mesh, jax.devices()[: int(np.prod(shape))])
-    trainer = train.make_trainer(config, ModelConfig.from_config(config.model), mesh)
+    trainer = make_trainer(config, ModelConfig.from_config(config.model), mesh)
     tokens = np.random.default_rng(1).integers(0, config.model.vocab_size, (16, 33)).astype(np.int32)
     batch = sharding.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh)
     return trainer, batch

@@ -17,7 +17,7 @@ RUN = ("--config.model.attention.kind=mla_decoupled", "--config.model.attention.
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same short run with spectra and probes every step, with diagnostics off, and every
-    3 steps (the trainer alternates the step with the spectra cond and the plain one)."""
+    3 steps (the trainer alternates the spectra step and the plain one)."""
     on, off, every3 = (tmp_path_factory.mktemp(n) for n in ("diag_on", "diag_off", "diag_every3"))
     for workdir, every in ((on, 1), (off, 0), (every3, 3)):
         proc = run_main(workdir, *RUN, f"--config.diagnostics.every={every}")

@@ -1,11 +1,8 @@
 """bench/gpu_traffic.py's accounting on a hand-written optimized HLO module (no GPU plugin)."""
-import pathlib
-import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
-import gpu_traffic  # noqa: E402  pylint: disable=wrong-import-position
+from bench import gpu_traffic, profile_step
 
 MLP = 'metadata={op_name="jit(train_step)/transpose(jvp(Transformer))/closed_call/layers/mlp/mul"}'
 LOSS = 'metadata={op_name="jit(train_step)/jvp(cross_entropy)/while/body/closed_call/exp"}'
@@ -113,7 +110,6 @@ def test_report_totals(rows):
 
 
 def test_trace_join_measures_each_source():
-    import profile_step  # pylint: disable=import-outside-toplevel
     # Two traced steps: kernels named as the device names them ('.' -> '_'), durations in µs.
     by_name = {"product": [3000.0, 2], "row": [800.0, 8], "ys_1": [200.0, 8],
                "nvjet_gemm_kernel": [5000.0, 2], "loop_add_fusion_9": [600.0, 2]}
@@ -130,7 +126,6 @@ def test_trace_join_measures_each_source():
 
 def test_trace_join_splits_a_shared_kernel_among_its_fusions():
     """Identical fusions share one kernel (deduplicated_name); the trace names it after one."""
-    import profile_step  # pylint: disable=import-outside-toplevel
     fwd = MLP.replace("transpose(jvp(Transformer))", "jvp(Transformer)")
     module = f"""HloModule m, is_scheduled=true
 

@@ -14,7 +14,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from conftest import REPO
-from mla_rmt import analyze, attention, checkpoint, hf_checkpoint, presets, rope, sharding, train
+from mla_rmt import analyze, attention, checkpoint, config_check, hf_checkpoint, presets, rope, sharding
+from mla_rmt.step import make_trainer
 from mla_rmt import trial as trial_module
 from mla_rmt.model import Transformer
 
@@ -284,8 +285,8 @@ def _trial(workdir: pathlib.Path, **attention_fields):
     config.model.update(num_layers=3, d_model=64, num_heads=4, d_head=16, mlp_dim=96, vocab_size=64)
     config.model.attention.update(attention_fields)
     config.data.seq_len = 16
-    cfg = train.validate_config(config)
-    trainer = train.make_trainer(config, cfg, sharding.make_mesh(config.mesh))
+    cfg = config_check.validate(config)
+    trainer = make_trainer(config, cfg, sharding.make_mesh(config.mesh))
     state = trainer.init_state(jax.random.key(7))
     rng = np.random.default_rng(11)
 
@@ -380,7 +381,7 @@ def test_exported_llama_is_the_same_model(tmp_path):
                         dtype="float32")
     config.model.attention.update(kind="gqa", num_kv_heads=2, rope_fraction=0.5)
     config.model.rope_theta = THETA
-    cfg = train.validate_config(config)
+    cfg = config_check.validate(config)
     model = Transformer(cfg)
     tokens = np.array([[3, 17, 5, 0, 39, 22, 8, 8, 1]])
     params = model.init(jax.random.key(1), tokens)["params"]
@@ -413,7 +414,7 @@ def test_mla_prerope_has_no_hf_layout():
     config = presets.base_config()
     config.model.attention.kind = "mla_prerope"
     with pytest.raises(hf_checkpoint.CheckpointError, match="mla_prerope"):
-        hf_checkpoint.hf_config_of(train.validate_config(config))
+        hf_checkpoint.hf_config_of(config_check.validate(config))
 
 
 # Bad checkpoints fail with the file and the field -----------------------------------------------

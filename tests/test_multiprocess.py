@@ -22,7 +22,7 @@ import pytest
 from conftest import REPO, main_command, read_scalars, run_main
 
 from mla_rmt import data, presets, tokenizer
-from mla_rmt.train import PREEMPTED_EXIT_CODE
+from mla_rmt.preemption import PREEMPTED_EXIT_CODE
 from mla_rmt.model_config import ConfigError
 
 FIRST, TOTAL = 4, 8      # the two processes train FIRST steps; one process continues to TOTAL

@@ -12,11 +12,11 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import FAST, REPO, main_command, read_scalars, run_main
+from conftest import REPO, main_command, read_scalars, run_main
 from kill_during_save import POINTS
 from test_sweep import hparams_data
 
-from mla_rmt.train import PREEMPTED_EXIT_CODE
+from mla_rmt.preemption import PREEMPTED_EXIT_CODE
 
 STEPS = 40
 COMMON = (f"--config.train.num_steps={STEPS}", "--config.train.log_every=1",
@@ -145,16 +145,24 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_pa
     assert max(steps) < failed_at
 
 
+def test_bad_config_fails_the_trial_naming_the_field(tmp_path):
+    proc = run_main(tmp_path, "--config.model.d_model=130")
+    assert proc.returncode == 1
+    assert "config.model.d_model" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("override, field", [
-    ("--config.model.d_model=130", "config.model.d_model"),
-    ("--config.model.attention.rope_fraction=0.03125", "config.model.attention.rope_fraction"),
-    ("--config.model.attention.kind=nope_attention", "config.model.attention.kind"),
-    ("--config.data.source=text_files", "config.data.text_glob"),
+    ({"model.d_model": 130}, "config.model.d_model"),
+    ({"model.attention.rope_fraction": 0.03125}, "config.model.attention.rope_fraction"),
+    ({"model.attention.kind": "nope_attention"}, "config.model.attention.kind"),
+    ({"data.source": "text_files"}, "config.data.text_glob"),
 ])
 def test_bad_config_fails_before_compilation_naming_the_field(tmp_path, override, field):
-    proc = run_main(tmp_path, override)
-    assert proc.returncode == 1
-    assert field in proc.stderr, proc.stderr[-2000:]
+    from mla_rmt import presets, sweep, train  # pylint: disable=import-outside-toplevel
+    from mla_rmt.model_config import ConfigError  # pylint: disable=import-outside-toplevel
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        train.train_and_evaluate(sweep.apply(presets.base_config(), override), str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -321,3 +329,68 @@ def test_a_failed_checkpoint_write_is_reported_naming_the_step_and_directory(tmp
     assert "File too large" in stderr
     assert "step 5/" not in stderr                    # reported before the next save's step
     assert not (tmp_path / "checkpoints" / "2").exists()
+
+
+# The loop's pieces, in process ----------------------------------------------------------------
+
+def test_every_is_the_one_cadence():
+    from mla_rmt.train import every  # pylint: disable=import-outside-toplevel
+    assert [s for s in range(1, 10) if every(3, s)] == [3, 6, 9]
+    assert not any(every(0, s) for s in range(1, 10))
+
+
+def test_the_reporter_fetches_one_step_late_and_everything_before_a_checkpoint(tmp_path):
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+    from mla_rmt import checkpoint, config_check, presets, summaries  # pylint: disable=import-outside-toplevel
+    from mla_rmt.train import MetricsReporter  # pylint: disable=import-outside-toplevel
+    config = presets.base_config()
+    config.train.peak_flops_per_device = 1e12
+    writer = summaries.SummaryWriter(str(tmp_path))
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=1)
+    reporter = MetricsReporter(config, config_check.validate(config), writer, ckpt, str(tmp_path))
+
+    def metrics(loss):
+        return {"train/loss": jnp.float32(loss), "train/grad_norm": jnp.float32(1.0),
+                "train/learning_rate": jnp.float32(1e-3), "spectra": {"not": "a scalar"}}
+
+    for step in (1, 2, 3):
+        reporter.add(step, metrics(10.0 - step))
+    reporter.flush(3)                        # the newest step is still running: left pending
+    assert [s for s, _ in reporter.pending] == [3] and reporter.last["train/loss"] == 8.0
+    reporter.add(4, metrics(6.0))
+    reporter.flush(4, wait=True)             # before a checkpoint: everything
+    assert not reporter.pending and reporter.last["train/loss"] == 6.0
+    assert reporter.tokens_per_sec > 0
+    reporter.add(5, metrics(float("nan")))
+    with pytest.raises(FloatingPointError, match="train/loss is nan at step 5"):
+        reporter.flush(5, wait=True)
+    ckpt.close()
+    writer.close()
+    scalars = read_scalars(tmp_path)
+    assert scalars["train/loss"] == {1: 9.0, 2: 8.0, 3: 7.0, 4: 6.0}
+    assert set(scalars["perf/mfu"]) == {4} and "spectra" not in str(sorted(scalars))
+
+
+def test_a_trial_in_process_writes_probes_and_spectra_and_logs_the_headline(tmp_path, caplog):
+    import logging  # pylint: disable=import-outside-toplevel
+
+    from mla_rmt import presets, train  # pylint: disable=import-outside-toplevel
+    config = presets.base_config()
+    config.data.seq_len, config.data.global_batch_size = 32, 8
+    t = config.train
+    t.num_steps, t.log_every, t.eval_every, t.eval_batches, t.checkpoint_every = 4, 1, 4, 2, 4
+    config.diagnostics.every, config.diagnostics.activations_every = 2, 3
+    caplog.set_level(logging.INFO)
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert result.status == "finished" and result.step == 4
+    scalars = read_scalars(tmp_path)
+    assert sorted(scalars["train/loss"]) == [1, 2, 3, 4]
+    assert sorted(scalars["spectral/qk_circuit_sum/mp_gap/mean"]) == [0, 2]   # of the params after 0, 2
+    assert sorted(scalars["activations/attn_sigma1/layer_00"]) == [3]
+    on_disk = json.loads((tmp_path / "result.json").read_text())
+    assert on_disk["eval/loss"] == result.metrics["eval/loss"] and "spectral/qk_circuit/mp_gap/head_mean/mean" in on_disk
+    finished = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Trial finished")]
+    assert len(finished) == 1, [r.getMessage() for r in caplog.records][-5:]
+    assert str(tmp_path / "result.json") in finished[0] and "spectral/" not in finished[0]
+    assert f"eval loss {result.metrics['eval/loss']:.4f}" in finished[0] and "tok/s" in finished[0]
