@@ -20,7 +20,6 @@ import argparse
 import gzip
 import json
 import pathlib
-import re
 import sys
 
 import matplotlib
@@ -28,13 +27,11 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from mla_rmt import plots  # noqa: E402
+from mla_rmt import plots, tags  # noqa: E402
 
 PRIMARY = ("mp_gap", "outlier_count", "outlier_energy", "mp_soft_rank", "stable_rank_frac")
 MEMORISATION_TOLERANCE = 0.02
 KIND_ORDER = ("mha", "gqa", "mla_prerope", "mla_decoupled")
-_LAYER_TAG = re.compile(r"^(?P<family>spectral|activations)/(?:(?P<matrix>[^/]+)/)?"
-                        r"(?P<metric>.+)/layer_(?P<layer>\d+)(?P<rest>/.+)?$")
 
 
 def load(paths: list[str]) -> dict:
@@ -97,15 +94,19 @@ def trial_table(trials: dict) -> pd.DataFrame:
 
 def scalars_table(trials: dict, table: pd.DataFrame) -> pd.DataFrame:
     """Long rows: trial, variant, seed, matrix, metric, layer (-1: not per layer), step, value.
-    Per-layer tags of any form spectral/<matrix>/<metric>/layer_<LL>[/<more>]."""
+    Per-layer tags (mla_rmt/tags.py) keep a per-head matrix's reduction in the metric
+    ("mp_gap/head_max")."""
     info = table.set_index("trial")
     frames = []
     for name, run in trials.items():
         for tag, points in run["scalars"].items():
-            if m := _LAYER_TAG.match(tag):
-                matrix = m["matrix"] if m["family"] == "spectral" else "activations"
-                metric, layer = m["metric"] + (m["rest"] or ""), int(m["layer"])
-            elif tag.startswith(("eval/", "train/")):
+            parsed = tags.parse(tag)
+            kind = parsed.kind if parsed else None
+            if kind in ("spectral", "activations"):
+                matrix = parsed.matrix or "activations"
+                metric = parsed.metric + (f"/{parsed.heads}" if parsed.heads else "")
+                layer = parsed.layer
+            elif kind in ("eval", "train"):
                 matrix, metric, layer = "", tag, -1
             else:
                 continue

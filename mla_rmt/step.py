@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mla_rmt import config_check, diagnostics, loss as loss_lib, optimizer as optimizer_lib, sharding
+from mla_rmt import config_check, diagnostics, loss as loss_lib, optimizer as optimizer_lib, sharding, tags
 from mla_rmt.model import Transformer
 from mla_rmt.model_config import ModelConfig
 
@@ -73,8 +73,8 @@ def train_step(state: TrainState, batch, *, model, optimizer, schedule, spectra_
         loss, grads = grad_fn(state.params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
-               "train/learning_rate": schedule(state.step)}
+    metrics = {tags.TRAIN_LOSS: loss, tags.TRAIN_GRAD_NORM: optax.global_norm(grads),
+               tags.TRAIN_LEARNING_RATE: schedule(state.step)}
     if spectra_fn is not None:
         # The spectra of the incoming params, ordered after the update by the barrier so they
         # do not delay the update's launches. Only the attention weights are kept past the
@@ -131,8 +131,7 @@ def make_trainer(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh) -> T
     step_fn = functools.partial(
         train_step, model=model, optimizer=optimizer, schedule=schedule,
         microbatch_size=config.train.microbatch_size, **loss,
-        microbatch_sharding=jax.sharding.NamedSharding(
-            mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"))))
+        microbatch_sharding=sharding.batch_sharding(mesh, leading=1))
     # The state is donated (updated in place); metrics stay on the device until fetched.
     jit_step = functools.partial(
         jax.jit, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),

@@ -20,7 +20,7 @@ from absl import logging
 from etils import epath
 
 from mla_rmt import (activations, attention, checkpoint, config_check, data, diagnostics, hparams, plots,
-                     sharding, summaries, tokenizer, workdir as workdir_lib)
+                     sharding, summaries, tags, tokenizer, workdir as workdir_lib)
 from mla_rmt.model import flops_per_token, param_count
 from mla_rmt.preemption import Preemption
 from mla_rmt.step import make_trainer
@@ -95,8 +95,8 @@ class MetricsReporter:
         self.pending = [(s, m) for s, m in self.pending if not (wait or s < step)]
         rows = [dict(step=s, **{k: float(v) for k, v in jax.device_get(m).items()}) for s, m in ready]
         for row in rows:
-            if not np.isfinite(row["train/loss"]):
-                raise _non_finite(f"train/loss is {row['train/loss']}", row["step"], self.workdir, self.ckpt)
+            if not np.isfinite(row[tags.TRAIN_LOSS]):
+                raise _non_finite(f"{tags.TRAIN_LOSS} is {row[tags.TRAIN_LOSS]}", row["step"], self.workdir, self.ckpt)
         self.ckpt.check_for_errors()     # a failed async save is reported now, naming the directory
         for row in rows:
             self.writer.scalars(row["step"], {k: v for k, v in row.items() if k != "step"})
@@ -107,13 +107,13 @@ class MetricsReporter:
         if self._window_start is not None and self._window_steps:
             seconds = (now - self._window_start) / self._window_steps
             self.tokens_per_sec = self.tokens_per_step / seconds
-            perf = {"perf/tokens_per_sec": self.tokens_per_sec, "perf/step_time_sec": seconds}
+            perf = {tags.PERF_TOKENS_PER_SEC: self.tokens_per_sec, tags.PERF_STEP_TIME_SEC: seconds}
             if self.peak:
-                perf["perf/mfu"] = self.tokens_per_sec * self.flops_per_token / (self.peak * jax.device_count())
+                perf[tags.PERF_MFU] = self.tokens_per_sec * self.flops_per_token / (self.peak * jax.device_count())
             self.writer.scalars(step, perf)
             logging.info("step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | %s tok/s | ETA %s",
-                         rows[-1]["step"], self.num_steps, self.last["train/loss"],
-                         self.last["train/learning_rate"], self.last["train/grad_norm"],
+                         rows[-1]["step"], self.num_steps, self.last[tags.TRAIN_LOSS],
+                         self.last[tags.TRAIN_LEARNING_RATE], self.last[tags.TRAIN_GRAD_NORM],
                          f"{self.tokens_per_sec:,.0f}", _format_seconds(seconds * (self.num_steps - step)))
         self._window_start, self._window_steps = now, 0
 
@@ -142,9 +142,9 @@ class EvalLoss:
 
     def evaluate(self, step: int, params) -> None:
         loss = float(np.mean([self.trainer.eval_step(params, b) for b in self.eval_batches]))
-        self.last = {"eval/loss": loss, "eval/perplexity": float(np.exp(loss))}
+        self.last = {tags.EVAL_LOSS: loss, tags.EVAL_PERPLEXITY: float(np.exp(loss))}
         self.writer.scalars(step, self.last)
-        logging.info("step %d | eval loss %.4f | perplexity %.2f", step, loss, self.last["eval/perplexity"])
+        logging.info("step %d | eval loss %.4f | perplexity %.2f", step, loss, self.last[tags.EVAL_PERPLEXITY])
 
     def run(self, step, state, metrics):
         del metrics
@@ -193,7 +193,7 @@ class WeightSpectra:
         self.writer.scalars(params_step, self.last)
         for name, values in spectra.items():
             for layer, eigs in enumerate(values["eigenvalues"]):
-                self.writer.histogram(params_step, f"spectral/{name}/eigenvalues/layer_{layer:02d}", eigs)
+                self.writer.histogram(params_step, tags.eigenvalues(name, layer), eigs)
             history = self.history.setdefault(name, {"steps": [], **{m: [] for m in self.HEATMAPS}})
             history["steps"].append(params_step)
             for metric in self.HEATMAPS:
@@ -201,7 +201,7 @@ class WeightSpectra:
                 history[metric].append(v.reshape(v.shape[0], -1).mean(axis=1))  # head_mean of per-head ones
         if self.writer.enabled and not params_step % self.images_every:
             self.writer.images_later(params_step, functools.partial(self.render, params_step, spectra, {
-                f"spectral/{name}/{metric}_heatmap": (
+                tags.heatmap(name, metric): (
                     np.stack(history[metric], axis=1), list(history["steps"]), f"{name}: {metric}", metric)
                 for name, history in self.history.items() for metric in self.HEATMAPS}))
 
@@ -213,7 +213,7 @@ class WeightSpectra:
             for layer, eigs in enumerate(values["eigenvalues"]):
                 fig = plots.esd_figure(eigs, spec.null, values["lambda_plus"][layer],
                                        f"{name} layer {layer}, step {params_step}", gammas=spec.gammas)
-                images[f"spectral/{name}/esd/layer_{layer:02d}"] = plots.figure_to_image(fig)
+                images[tags.esd(name, layer)] = plots.figure_to_image(fig)
         for tag, args in heatmaps.items():
             images[tag] = plots.figure_to_image(plots.layer_step_heatmap(*args))
         return images
@@ -239,7 +239,7 @@ class ActivationProbes:
         self.pending = [(s, v) for s, v in self.pending if not (wait or s < step)]
         for probe_step, stats in ready:
             self.writer.scalars(probe_step, {
-                f"activations/{metric}/layer_{layer:02d}": float(v)
+                tags.activations(metric, layer): float(v)
                 for metric, per_layer in jax.device_get(stats).items() for layer, v in enumerate(per_layer)})
 
     def final(self):
@@ -264,8 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, override
     if result.status == "finished":
         m = result.metrics
         logging.info("Trial finished at step %d: train loss %s, eval loss %s, perplexity %s, %s tok/s; "
-                     "every final metric in %s", result.step, _fmt(m.get("train/loss")),
-                     _fmt(m.get("eval/loss")), _fmt(m.get("eval/perplexity")),
+                     "every final metric in %s", result.step, _fmt(m.get(tags.TRAIN_LOSS)),
+                     _fmt(m.get(tags.EVAL_LOSS)), _fmt(m.get(tags.EVAL_PERPLEXITY)),
                      "-" if tokens_per_sec is None else f"{tokens_per_sec:,.0f}",
                      workdir_path / workdir_lib.RESULT_FILE)
     else:
