@@ -1,6 +1,7 @@
 """The init false-outlier rate of every default spectral matrix, per attention kind and shape.
 
     python bench/init_null.py --presets=tiny,llama_130m --draws=20 [--fractions=0.5] [--seed=0]
+        [--kinds=mha,...] [--matrices=qk_circuit,...]   # a subset: the same draws, fewer rows
 
 For each kind (gqa with num_heads/2 kv heads), rope_fraction and preset, draws fresh inits of one
 attention layer (seeds apart from the one the sampled nulls are built from), runs the diagnostics
@@ -30,8 +31,8 @@ def model_config(preset: str, kind: str, f: float) -> ModelConfig:
     return ModelConfig.from_config(config.model)
 
 
-def rates(cfg: ModelConfig, draws: int, seed: int):
-    specs = diagnostics.matrices(cfg)
+def rates(cfg: ModelConfig, draws: int, seed: int, names: tuple[str, ...] = ()):
+    specs = [m for m in diagnostics.matrices(cfg) if not names or m.name in names]
     module = attention.get(cfg.kind)(cfg)
     x, pos = jnp.zeros((1, 1, cfg.d_model)), jnp.zeros((1, 1), jnp.int32)
     one = jax.jit(lambda key: diagnostics.spectra_of_maps(
@@ -49,6 +50,8 @@ def main():
     parser.add_argument("--fractions", default="0.5")
     parser.add_argument("--draws", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--matrices", default="", help="comma-separated; empty: every default")
     args = parser.parse_args()
     print(f"init false-outlier rate, {args.draws} fresh draws per row (seed {args.seed}), "
           f"{jax.default_backend()}")
@@ -56,10 +59,11 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|")
     for preset in args.presets.split(","):
         for f in (float(v) for v in args.fractions.split(",")):
-            for kind in KINDS:
+            for kind in args.kinds.split(","):
                 start = time.time()
                 cfg = model_config(preset, kind, f)
-                for m, count, gap, flagged in rates(cfg, args.draws, args.seed + 1):
+                names = tuple(filter(None, args.matrices.split(",")))
+                for m, count, gap, flagged in rates(cfg, args.draws, args.seed + 1, names):
                     null = "sampled" if m.gammas is None else f"chain {m.spec.chain}"
                     print(f"| {preset} | {kind} | {f:g} | {m.name} | {m.rank} | {null} | {count:.3f} "
                           f"| {gap:.4f} | {flagged:.3f} |", flush=True)
