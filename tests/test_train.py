@@ -381,7 +381,7 @@ def test_a_trial_in_process_writes_probes_and_spectra_and_logs_the_headline(tmp_
     t = config.train
     t.num_steps, t.log_every, t.eval_every, t.eval_batches, t.checkpoint_every = 4, 1, 4, 2, 4
     config.diagnostics.every, config.diagnostics.activations_every = 2, 3
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="absl")   # parsed flags leave absl at WARNING
     result = train.train_and_evaluate(config, str(tmp_path))
     assert result.status == "finished" and result.step == 4
     scalars = read_scalars(tmp_path)
