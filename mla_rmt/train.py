@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import json
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +70,14 @@ def every(period: int, step: int) -> bool:
     return period > 0 and step % period == 0
 
 
+def take_due(pending: list[tuple[int, Any]], step: int, wait: bool) -> list[tuple[int, Any]]:
+    """Removes from `pending` ((step made, device value) pairs) and returns those to fetch at
+    `step`: all of them with wait, else those made before it (the newest is still running)."""
+    due = [(s, v) for s, v in pending if wait or s < step]
+    pending[:] = [(s, v) for s, v in pending if not (wait or s < step)]
+    return due
+
+
 class MetricsReporter:
     """The train metrics still on the device, the throughput window, MFU and the finiteness
     check. flush() fetches the steps before the newest one (the newest is still running), or
@@ -91,9 +99,8 @@ class MetricsReporter:
         self._window_steps += 1
 
     def flush(self, step: int, wait: bool = False) -> None:
-        ready = [(s, m) for s, m in self.pending if wait or s < step]
-        self.pending = [(s, m) for s, m in self.pending if not (wait or s < step)]
-        rows = [dict(step=s, **{k: float(v) for k, v in jax.device_get(m).items()}) for s, m in ready]
+        rows = [dict(step=s, **{k: float(v) for k, v in jax.device_get(m).items()})
+                for s, m in take_due(self.pending, step, wait)]
         for row in rows:
             if not np.isfinite(row[tags.TRAIN_LOSS]):
                 raise _non_finite(f"{tags.TRAIN_LOSS} is {row[tags.TRAIN_LOSS]}", row["step"], self.workdir, self.ckpt)
@@ -169,7 +176,7 @@ class WeightSpectra:
         self.writer = writer
         self.specs = {m.name: m for m in trainer.spectra_specs}
         self.images_every = config.diagnostics.images_every or config.diagnostics.every or 1
-        self.pending: list[tuple[int, dict]] = []      # (params step, device spectra)
+        self.pending: list[tuple[int, dict]] = []      # (step made, device spectra)
         self.history: dict[str, dict[str, list]] = {}  # matrix -> steps and [L] values per step
         self.last: dict[str, float] = {}
 
@@ -177,13 +184,11 @@ class WeightSpectra:
         del state
         spectra = metrics.get("spectra")
         if spectra is not None:
-            self.pending.append((step - 1, spectra))
+            self.pending.append((step, spectra))
 
     def flush(self, step, wait=False):
-        ready = [(s, v) for s, v in self.pending if wait or s + 1 < step]
-        self.pending = [(s, v) for s, v in self.pending if not (wait or s + 1 < step)]
-        for params_step, spectra in ready:
-            self.write(params_step, jax.device_get(spectra))
+        for made, spectra in take_due(self.pending, step, wait):   # of the params after made - 1
+            self.write(made - 1, jax.device_get(spectra))
 
     def final(self):
         return self.last
@@ -235,9 +240,7 @@ class ActivationProbes:
             self.pending.append((step, self.probe(state.params, self.probe_tokens)))
 
     def flush(self, step, wait=False):
-        ready = [(s, v) for s, v in self.pending if wait or s < step]
-        self.pending = [(s, v) for s, v in self.pending if not (wait or s < step)]
-        for probe_step, stats in ready:
+        for probe_step, stats in take_due(self.pending, step, wait):
             self.writer.scalars(probe_step, {
                 tags.activations(metric, layer): float(v)
                 for metric, per_layer in jax.device_get(stats).items() for layer, v in enumerate(per_layer)})
