@@ -2,17 +2,19 @@
 
 A 130M model at batch 16 x 256 leaves most of an H200 idle and a trial's start (compilation,
 the first spectra and figures) is host work, so the trials run side by side, each in its own
-process with a share of the GPU memory. Before they start, the corpus, its tokenizer and its
+process with a share of the GPU memory. They share one XLA compilation cache (--compile_cache):
+the seeds of a variant run the same programs, so a later call on the same machine skips their
+compilation. Before they start, the corpus, its tokenizer and its
 token counts are built once (the trials would race for them) and the step count is checked
 against one pass of the train split. At `--deadline` seconds the unfinished trials get
 SIGTERM (they save and stop); then every finished or stopped trial's scalars are exported.
 
 Everything lands in OUT/results/RUN/: log_<trial>.txt, corpus.<trials>.json (documents,
 words and tokens per corpus and split, the tokenizer's hash: the same in every call) and
-scalars.<trials>.json.gz, which `python bench/export_scalars.py --merge` joins into
+scalars.<trials>.json.gz, which `python -m bench.export_scalars --merge` joins into
 scalars.json.gz.
 
-    python bench/replication.py --workdir=/tmp/rep --out=$OUT --trials=0-5   # configs/replication.py
+    python -m bench.replication --workdir=/tmp/rep --out=$OUT --trials=0-5   # configs/replication.py
 """
 import argparse
 import hashlib
@@ -22,10 +24,10 @@ import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import export_scalars  # noqa: E402  (bench/export_scalars.py)
+from bench import export_scalars
 
 
 def parse_trials(spec: str, count: int) -> list[int]:
@@ -92,6 +94,9 @@ def main():
     parser.add_argument("--trials", default="", help="indices: '0-8', '0,3,5' (default all)")
     parser.add_argument("--deadline", type=float, default=450.0,
                         help="seconds until SIGTERM (the device's 600 s per call, less setup and export)")
+    parser.add_argument("--compile_cache", default=os.path.join(tempfile.gettempdir(),
+                                                                "mla_rmt_jax_cache"),
+                        help="XLA compilation cache the trials share ('' for none)")
     args = parser.parse_args()
     start = time.time()
     trial_env = dict(os.environ)
@@ -105,6 +110,8 @@ def main():
           f"{json.dumps(report['splits'])}", flush=True)
     indices = parse_trials(args.trials, count)
     env = dict(trial_env, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / len(indices):.3f}")
+    if args.compile_cache:
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", args.compile_cache)
     procs = {}
     for i in indices:
         log = open(out / f"log_{i}.txt", "w")

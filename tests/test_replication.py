@@ -56,11 +56,11 @@ def test_gpu_config_reads_at_most_one_pass_of_the_train_split(data_cache):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, data_cache):
-    """bench/replication.py on trials 0, 5, 6, 11 of the tiny variant: mha f=0.5 and NoPE,
+    """bench.replication on trials 0, 5, 6, 11 of the tiny variant: mha f=0.5 and NoPE,
     seeds 0 and 1; then the report on its export."""
     del data_cache
     root = tmp_path_factory.mktemp("replication")
-    proc = subprocess.run([sys.executable, "bench/replication.py", f"--config={CONFIG}:tiny",
+    proc = subprocess.run([sys.executable, "-m", "bench.replication", f"--config={CONFIG}:tiny",
                            f"--workdir={root / 'work'}", f"--out={root}", "--trials=0,5,6,11",
                            "--deadline=1500"], cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
