@@ -81,7 +81,9 @@ def take_due(pending: list[tuple[int, Any]], step: int, wait: bool) -> list[tupl
 class MetricsReporter:
     """The train metrics still on the device, the throughput window, MFU and the finiteness
     check. flush() fetches the steps before the newest one (the newest is still running), or
-    all of them with wait=True (before a checkpoint)."""
+    all of them with wait=True (before a checkpoint). tokens_per_sec is the last window's;
+    run_tokens_per_sec the mean since start_clock (evals and spectra included), which the
+    trial's headline reports."""
 
     def __init__(self, config, cfg, writer, ckpt, workdir: str):
         self.writer, self.ckpt, self.workdir = writer, ckpt, workdir
@@ -92,7 +94,13 @@ class MetricsReporter:
         self.pending: list[tuple[int, dict]] = []     # (step, device metrics)
         self.last: dict[str, float] = {}              # the newest fetched row, without its step
         self.tokens_per_sec: float | None = None
+        self.run_tokens_per_sec: float | None = None
         self._window_start, self._window_steps = None, 0
+        self._clock: tuple[int, float] | None = None   # (step, time) the run's mean counts from
+
+    def start_clock(self, step: int) -> None:
+        """Called once step `step` is complete (the first step compiles, so it is left out)."""
+        self._clock = (step, time.perf_counter())
 
     def add(self, step: int, metrics: dict) -> None:
         self.pending.append((step, {k: v for k, v in metrics.items() if k != "spectra"}))
@@ -111,6 +119,9 @@ class MetricsReporter:
             return
         self.last = {k: v for k, v in rows[-1].items() if k != "step"}
         now = time.perf_counter()
+        if self._clock is not None and rows[-1]["step"] > self._clock[0]:
+            first, start = self._clock
+            self.run_tokens_per_sec = self.tokens_per_step * (rows[-1]["step"] - first) / (now - start)
         if self._window_start is not None and self._window_steps:
             seconds = (now - self._window_start) / self._window_steps
             self.tokens_per_sec = self.tokens_per_step / seconds
@@ -266,7 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, override
     # checkpoint is complete.
     if result.status == "finished":
         m = result.metrics
-        logging.info("Trial finished at step %d: train loss %s, eval loss %s, perplexity %s, %s tok/s; "
+        logging.info("Trial finished at step %d: train loss %s, eval loss %s, perplexity %s, "
+                     "%s tok/s (mean after the first step); "
                      "every final metric in %s", result.step, _fmt(m.get(tags.TRAIN_LOSS)),
                      _fmt(m.get(tags.EVAL_LOSS)), _fmt(m.get(tags.EVAL_PERPLEXITY)),
                      "-" if tokens_per_sec is None else f"{tokens_per_sec:,.0f}",
@@ -281,7 +293,7 @@ def _fmt(value) -> str:
 
 
 def _train(config, cfg, workdir_path, overrides, changed, cleanup: contextlib.ExitStack):
-    """The trial and its last throughput; what it opens is closed by `cleanup` however it ends
+    """The trial and its mean throughput; what it opens is closed by `cleanup` however it ends
     (an open data iterator's threads would keep the process alive after an error or Ctrl-C)."""
     workdir = str(workdir_path)
     mesh = sharding.make_mesh(config.mesh)
@@ -357,6 +369,7 @@ def _train(config, cfg, workdir_path, overrides, changed, cleanup: contextlib.Ex
                 jax.block_until_ready(metrics)
                 logging.info("First step (with compilation) took %.1fs", time.perf_counter() - loop_start)
                 flush(step, wait=True)
+                reporter.start_clock(step)
             if every(config.train.log_every, step):
                 flush(step)
             stop = preemption.should_stop(step) and step < num_steps
@@ -376,4 +389,4 @@ def _train(config, cfg, workdir_path, overrides, changed, cleanup: contextlib.Ex
             if not eval_loss.last:
                 eval_loss.evaluate(step, state.params)
             write_result(step, status)
-    return TrialResult(status=status, step=step, metrics=final_metrics()), reporter.tokens_per_sec
+    return TrialResult(status=status, step=step, metrics=final_metrics()), reporter.run_tokens_per_sec

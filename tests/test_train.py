@@ -358,10 +358,14 @@ def test_the_reporter_fetches_one_step_late_and_everything_before_a_checkpoint(t
         reporter.add(step, metrics(10.0 - step))
     reporter.flush(3)                        # the newest step is still running: left pending
     assert [s for s, _ in reporter.pending] == [3] and reporter.last["train/loss"] == 8.0
+    clock = time.perf_counter()
+    reporter.start_clock(2)                  # the run's mean counts steps 3 and 4 from here
     reporter.add(4, metrics(6.0))
     reporter.flush(4, wait=True)             # before a checkpoint: everything
+    elapsed = time.perf_counter() - clock
     assert not reporter.pending and reporter.last["train/loss"] == 6.0
     assert reporter.tokens_per_sec > 0
+    assert reporter.run_tokens_per_sec >= 2 * reporter.tokens_per_step / elapsed
     reporter.add(5, metrics(float("nan")))
     with pytest.raises(FloatingPointError, match="train/loss is nan at step 5"):
         reporter.flush(5, wait=True)
