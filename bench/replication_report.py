@@ -14,7 +14,10 @@ from the tags, so any set of diagnostics reports. Intervals are 95% t-intervals 
 - per matrix and primary metric, variant x layer at the last spectra step;
 - the step-0 values (the initialisation, a null control) and the values at a matched eval
   loss (the worst final eval loss of all trials, reached by every trial; metrics interpolated
-  linearly in step), as the mean over layers.
+  linearly in step), as the mean over layers;
+- OVER_STEPS as the mean over layers at steps 0, 50, 100, ... (every 100 after 200);
+- the papers' comparisons between variants (CONTRASTS): the difference of the means over
+  seeds with its 95% Welch interval, for the final perplexity and CONTRAST_METRICS.
 """
 import argparse
 import gzip
@@ -32,6 +35,16 @@ from mla_rmt import plots, tags  # noqa: E402
 PRIMARY = ("mp_gap", "outlier_count", "outlier_energy", "mp_soft_rank", "stable_rank_frac")
 MEMORISATION_TOLERANCE = 0.02
 KIND_ORDER = ("mha", "gqa", "mla_prerope", "mla_decoupled")
+# The papers' comparisons (variant, baseline), and the layer-mean metrics compared at the last
+# spectra step, besides the final eval perplexity.
+CONTRASTS = (("mla_decoupled f=0.5", "mha f=0.5"), ("mla_prerope f=0.5", "mha f=0.5"),
+             ("mla_decoupled f=0.5", "mla_prerope f=0.5"), ("mha f=0 (NoPE)", "mha f=0.5"),
+             ("mla_decoupled f=0.25", "mla_decoupled f=0.5"),
+             ("mla_decoupled f=0.75", "mla_decoupled f=0.5"))
+# The one metric tabled over training (the others are in the figures).
+OVER_STEPS = ("qk_circuit_sum", "mp_gap")
+CONTRAST_METRICS = (("qk_circuit_sum", "mp_gap"), ("qk_circuit_sum", "outlier_energy"),
+                    ("qk_circuit_sum", "stable_rank_frac"), ("qk_circuit", "mp_gap/head_mean"))
 
 
 def load(paths: list[str]) -> dict:
@@ -201,6 +214,25 @@ def matched_loss_steps(rows: pd.DataFrame, target: float) -> dict[str, float]:
     return out
 
 
+def contrasts(final: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """final: column name -> rows (variant, seed, value) -> one row per CONTRASTS pair present,
+    'difference [low, high]' per column, and the long form for summary.csv."""
+    cells, long = [], []
+    for a, b in CONTRASTS:
+        row = {"difference": f"{a} − {b}"}
+        for name, values in final.items():
+            va, vb = (values.loc[values["variant"] == v, "value"] for v in (a, b))
+            if va.empty or vb.empty:
+                continue
+            diff, low, high = plots.difference_interval(va, vb)
+            row[name] = cell(diff, low, high, min(len(va), len(vb)))
+            long.append({"variant": f"{a} - {b}", "metric": name, "mean": diff, "low": low,
+                         "high": high, "n": min(len(va), len(vb))})
+        if len(row) > 1:
+            cells.append(row)
+    return pd.DataFrame(cells), pd.DataFrame(long)
+
+
 def report(rows: pd.DataFrame, table: pd.DataFrame, figures: pathlib.Path) -> tuple[str, pd.DataFrame]:
     order = list(dict.fromkeys(table["variant"]))
     md, summary = [], []
@@ -255,6 +287,30 @@ def report(rows: pd.DataFrame, table: pd.DataFrame, figures: pathlib.Path) -> tu
         summary.append(stats)
         md += [f"### {matrix}: {metric} (layer mean)\n",
                markdown(wide(stats, "variant", "when", order)), ""]
+
+    matrix, metric = OVER_STEPS
+    group = layer_means[(layer_means["matrix"] == matrix) & (layer_means["metric"] == metric)]
+    picks = [s for s in common_steps(group) if s <= 200 or s % 100 == 0]
+    if picks:
+        stats = per_variant(group[group["step"].isin(picks)], ["step"])
+        summary.append(stats.assign(matrix=matrix, metric=metric, layer="mean",
+                                    when=[f"step {s}" for s in stats["step"]]))
+        stats["step"] = [f"@{s}" for s in stats["step"]]
+        md += [f"## {matrix}: {metric} over training (layer mean; mean [95% interval] over seeds)\n",
+               markdown(wide(stats, "variant", "step", order)), ""]
+
+    final = {}
+    if steps:
+        final["eval ppl, last"] = ev[ev["step"] == steps[-1]].assign(value=lambda f: np.exp(f["value"]))
+    for matrix, metric in CONTRAST_METRICS:
+        group = layer_means[(layer_means["matrix"] == matrix) & (layer_means["metric"] == metric)]
+        if len(last := common_steps(group)):
+            final[f"{matrix} {metric}, step {last[-1]}"] = group[group["step"] == last[-1]]
+    diffs, long = contrasts(final)
+    if not diffs.empty:
+        md += ["## Differences between variants (difference of the means [95% Welch interval] "
+               "over seeds; layer means)\n", markdown(diffs), ""]
+        summary.append(long.assign(matrix="contrast", layer="mean", when="last"))
 
     md += ["## By layer at the last spectra step (mean [95% interval] over seeds)\n"]
     spectra_figs = {}

@@ -335,6 +335,26 @@ def seed_interval(values, level: float = 0.95) -> tuple[float, float, float, int
     return mean, mean - half, mean + half, n
 
 
+def difference_interval(a, b, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean(a) - mean(b), low, high): Welch's t-interval, since two variants' seeds need not
+    spread alike; low = high = NaN unless each side has 2 finite values."""
+    from scipy import stats   # pylint: disable=import-outside-toplevel
+    a, b = (np.asarray(v, np.float64) for v in (a, b))
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    if not (a.size and b.size):
+        return np.nan, np.nan, np.nan
+    diff = float(a.mean() - b.mean())
+    if min(a.size, b.size) < 2:
+        return diff, np.nan, np.nan
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return diff, diff, diff
+    dof = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, dof) * se)
+    return diff, diff - half, diff + half
+
+
 def seed_bands(frame: pd.DataFrame, x: str, value: str = "value",
                variant: str = "variant") -> pd.DataFrame:
     """Long rows (variant, seed, x, value) -> [variant, x, mean, low, high, n] over seeds."""

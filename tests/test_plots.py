@@ -302,6 +302,26 @@ def test_activation_depth_figure_compares_remove_gap(synthetic):
 
 # The images written during training ----------------------------------------------------------------
 
+def test_seed_and_difference_intervals_match_scipy(rng):
+    """The report's intervals against scipy's own t-interval and Welch test, on fresh draws of
+    unequal spread and size."""
+    from scipy import stats
+    for _ in range(5):
+        a = rng.normal(1.0, rng.uniform(0.1, 3.0), rng.integers(2, 7))
+        b = rng.normal(0.0, rng.uniform(0.1, 3.0), rng.integers(2, 7))
+        mean, low, high, n = plots.seed_interval(a)
+        ref = stats.t.interval(0.95, a.size - 1, loc=a.mean(), scale=stats.sem(a))
+        assert n == a.size
+        np.testing.assert_allclose([mean, low, high], [a.mean(), *ref], rtol=1e-9)
+        diff, low, high = plots.difference_interval(a, b)
+        ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+        np.testing.assert_allclose([diff, low, high], [a.mean() - b.mean(), ci.low, ci.high],
+                                   rtol=1e-9)
+    diff, low, high = plots.difference_interval([1.0, np.nan], [0.5, 0.7])   # one finite value
+    assert diff == pytest.approx(0.4) and np.isnan(low) and np.isnan(high)
+    assert all(np.isnan(plots.difference_interval([], [1.0, 2.0])))
+
+
 def test_training_writes_esd_and_heatmap_images(tiny_sweep_workdir):
     from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
     trials = ("kind=mha,rope_fraction=0.5", "kind=mla_decoupled,rope_fraction=0.25")

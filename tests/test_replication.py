@@ -151,6 +151,42 @@ def test_report_memorisation_check_and_matched_loss(run):
         assert (run["report"] / "figures" / fig).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_differences_match_welch(run):
+    """NoPE − mha f=0.5, the one pair of the papers' comparisons among these trials: the final
+    perplexity and the layer-mean qk_circuit_sum mp_gap at the last spectra step, against
+    scipy's Welch interval of the exported values."""
+    from scipy import stats
+    summary = pd.read_csv(run["report"] / "summary.csv")
+    contrast = summary[(summary["matrix"] == "contrast")
+                       & (summary["variant"] == "mha f=0 (NoPE) - mha f=0.5")]
+    ppl, gap = {0.0: [], 0.5: []}, {0.0: [], 0.5: []}
+    for t in run["exported"].values():
+        f = t["config.json"]["model"]["attention"]["rope_fraction"]
+        ppl[f].append(np.exp(final_and_best(t)[0]))
+        layers = [np.asarray(v, np.float64) for k, v in t["scalars"].items()
+                  if k.startswith("spectral/qk_circuit_sum/mp_gap/layer_")]
+        gap[f].append(np.mean([l[l[:, 0].argmax(), 1] for l in layers]))
+    for values, metric in ((ppl, "eval ppl, last"), (gap, "qk_circuit_sum mp_gap, step 20")):
+        ci = stats.ttest_ind(values[0.0], values[0.5], equal_var=False).confidence_interval()
+        row = contrast[contrast["metric"] == metric]
+        assert len(row) == 1, sorted(contrast["metric"])
+        np.testing.assert_allclose(
+            row[["mean", "low", "high"]].to_numpy()[0],
+            [np.mean(values[0.0]) - np.mean(values[0.5]), ci.low, ci.high], rtol=1e-6)
+    over = summary[(summary["variant"] == "mha f=0.5") & (summary["matrix"] == "qk_circuit_sum")
+                   & (summary["metric"] == "mp_gap") & (summary["when"] == "step 10")]
+    step10 = [np.mean([dict(l.tolist())[10.0] for l in (
+        np.asarray(v, np.float64) for k, v in t["scalars"].items()
+        if k.startswith("spectral/qk_circuit_sum/mp_gap/layer_"))])
+        for t in run["exported"].values()
+        if t["config.json"]["model"]["attention"]["rope_fraction"] == 0.5]
+    assert len(over) == 1 and len(step10) == 2
+    np.testing.assert_allclose(over["mean"].iloc[0], np.mean(step10), rtol=1e-9)
+    text = (run["report"] / "report.md").read_text()
+    assert "| mha f=0 (NoPE) − mha f=0.5 |" in text
+    assert "mla_decoupled f=0.5 − mha f=0.5" not in text       # a pair without its trials
+
+
 def test_report_reads_matrix_and_metric_names_from_the_tags(run, tmp_path):
     renamed = {}
     for name, t in run["exported"].items():
