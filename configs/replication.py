@@ -22,8 +22,8 @@ steps read 97% of the smallest shard. Spectra every 50 steps from step 0 to 1100
 trained model. config.data.max_epochs = 1 makes the trainer refuse a step count that would
 read a token twice (mla_rmt.data.check_epochs).
 
-    python -m bench.replication --workdir=/tmp/rep --out=$OUT --trials=0-5   # GPU: seed 0, then
-    python -m bench.replication --workdir=/tmp/rep --out=$OUT --trials=6-11  # 6-11 and 12-17
+    python -m bench.replication --workdir=/tmp/rep --out=$OUT --trials=0-5    # GPU: seed 0, then
+    python -m bench.replication --workdir=/tmp/rep --out=$OUT --trials=6-17   # seeds 1 and 2
     python -m mla_rmt.main --config=configs/replication.py:tiny --workdir=/tmp/rep --trial=0  # CPU
 """
 from mla_rmt import presets
