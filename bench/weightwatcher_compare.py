@@ -15,8 +15,11 @@ directions of growing strength so that the tails differ from layer to layer. The
   * mla_rmt's own analysis of the checkpoint (`analyze.analyze_hf`: the QK circuits, MP metrics
     against the product null, tail fits), for scale.
 and prints the agreement of lambda_max, stable rank and alpha per matrix (max relative
-difference, and how many alphas agree within their standard error), and the wall times.
-Each timing is the second of two runs (the first compiles); the JSON goes to OUT/compare.json.
+difference, and how many alphas agree within their standard error), each tool's error in
+lambda_max and stable rank against float64 eigenvalues of the same float32 matrices (numpy),
+and the wall times. Each timing is the second of two runs (the first compiles); the JSON goes
+to OUT/compare.json. `--check=compare.json` recomputes the float64 errors of a saved run (the
+checkpoint is drawn again from its seed), for runs made on another machine.
 """
 import argparse
 import json
@@ -92,6 +95,23 @@ def run_ours(directory: pathlib.Path, names: list[str]) -> tuple[dict, dict]:
     return rows, times
 
 
+def float64_errors(directory: pathlib.Path, names: list[str], tools: dict) -> dict:
+    """tool -> metric -> max / median relative error against float64 eigenvalues of W^T W."""
+    exact = {}
+    with safe_open(str(directory / "model.safetensors"), framework="numpy") as f:
+        for name in names:
+            w = f.get_tensor(name).astype(np.float64)
+            eigs = np.linalg.eigvalsh(w.T @ w)
+            exact[name] = {"lambda_max": eigs[-1], "stable_rank": eigs.sum() / eigs[-1]}
+    out = {}
+    for tool, rows in tools.items():
+        errors = {key: [abs(_match(rows, n)[key] / exact[n][key] - 1) for n in names]
+                  for key in ("lambda_max", "stable_rank")}
+        out[tool] = {key: {"max_rel_err": float(np.max(v)), "median_rel_err": float(np.median(v))}
+                     for key, v in errors.items()}
+    return out
+
+
 def _match(ww_rows: dict, name: str):
     """WeightWatcher's row for a tensor (its names drop the '.weight' suffix, or keep it)."""
     for key in (name, name.removesuffix(".weight")):
@@ -106,10 +126,17 @@ def main():
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--no-spikes", dest="spikes", action="store_false")
     parser.add_argument("--skip-weightwatcher", action="store_true")
+    parser.add_argument("--check", default="", help="a saved compare.json: only its float64 errors")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     directory = out / "checkpoint"
     names = write_checkpoint(directory, args.layers, args.spikes)
+    if args.check:
+        saved = json.loads(pathlib.Path(args.check).read_text())
+        tools = {t: saved[t] for t in ("mla_rmt", "weightwatcher") if t in saved}
+        for tool, errors in float64_errors(directory, names, tools).items():
+            print(f"float64 error of {tool} on {saved['device']}: {errors}")
+        return
     print(f"{len(names)} attention projections of 768 x 768 in {directory}; device {jax.devices()[0]}")
 
     run_ours(directory, names[:2])                      # compile
@@ -145,6 +172,11 @@ def main():
         result["agreement"] = agreement
         for key, value in agreement.items():
             print(f"agreement {key}: {value}")
+    tools = {"mla_rmt": ours, **({"weightwatcher": result["weightwatcher"]}
+                                 if "weightwatcher" in result else {})}
+    result["float64_error"] = float64_errors(directory, names, tools)
+    for tool, errors in result["float64_error"].items():
+        print(f"float64 error of {tool}: {errors}")
     (out / "compare.json").write_text(json.dumps(result, indent=1))
     print(f"written to {out / 'compare.json'}")
 
