@@ -3,12 +3,14 @@ import atexit
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 
 import numpy as np
 import pytest
+from absl import flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,6 +40,24 @@ def rng():
     seed = int(os.environ.get("MLA_RMT_TEST_SEED") or np.random.SeedSequence().entropy % 2**63)
     print(f"seed={seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def parse(monkeypatch):
+    """mla_rmt.main's flag parser on the global flags, in this process; the flags and the SIGINT
+    handler main installs are reset afterwards (config_flags reads the overrides from sys.argv,
+    as under app.run)."""
+    from mla_rmt import main  # pylint: disable=import-outside-toplevel  (defines the flags)
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["main", *args])
+        return main._parse_flags(sys.argv)  # pylint: disable=protected-access
+    sigint = signal.getsignal(signal.SIGINT)
+    yield run
+    signal.signal(signal.SIGINT, sigint)
+    flags.FLAGS.unparse_flags()
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:   # the overrides' flags,
+        delattr(flags.FLAGS, name)                  # defined while parsing: again next time
 
 
 # A trial small enough for a test: the tiny model on short sequences.
