@@ -25,6 +25,26 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
+# Session fixtures every pytest-xdist worker may build for itself (cheap, used by every test).
+PER_WORKER = {"data_cache"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's `--dist loadgroup`, the tests that share a module- or session-scoped
+    fixture (a training run) run on one worker, so it is built once: one group per fixture of
+    this file (e.g. the tiny sweep), one per test module for a module's own fixtures."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        shared = sorted(
+            d.baseid if d.baseid.endswith(".py") else d.argname
+            for d in (defs[-1] for defs in item._fixtureinfo.name2fixturedefs.values())  # pylint: disable=protected-access
+            if d.scope != "function" and d.baseid and d.argname not in PER_WORKER)
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[-1]))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def data_cache(tmp_path_factory):
     """The embedded corpus and its tokenizer are built once per session, here."""
