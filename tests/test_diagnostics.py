@@ -29,10 +29,9 @@ def make_cfg(kind, f, d=64, heads=4, d_head=16, kv_latent=24, q_latent=0):
 
 
 def init_params(cfg, seed):
-    """One layer's init, jitted: one compilation per config rather than one per eager op."""
     module = attention.get(cfg.kind)(cfg)
     x = jnp.zeros((1, 1, cfg.d_model), jnp.float32)
-    params = nn.meta.unbox(jax.jit(module.init)(jax.random.key(seed), x, jnp.zeros((1, 1), jnp.int32))["params"])
+    params = nn.meta.unbox(module.init(jax.random.key(seed), x, jnp.zeros((1, 1), jnp.int32))["params"])
     return jax.tree.map(lambda w: np.asarray(w, np.float64), params)
 
 
@@ -96,7 +95,6 @@ def logits(wq, wk, x_TxD):
 
 # Compiled once per (matrices, shapes, dtype): the gauged maps reuse the original's executable.
 _spectra_of_maps = jax.jit(diagnostics.spectra_of_maps, static_argnums=2)
-_esd = jax.jit(diagnostics.esd, static_argnums=2)
 
 
 def metrics(specs, wq, wk, dtype=jnp.float32):
@@ -191,8 +189,8 @@ def test_ranks_are_structural_and_no_zero_is_analysed(rng, kind, q_latent):
             # practically never.
             rank = np.sum(ref > 1e-20 * ref[..., :1], axis=-1)
             assert np.all(rank == spec.rank), (kind, f, q_latent, spec.name, rank, spec.rank)
-            got = np.asarray(_esd(jnp.asarray(wq, jnp.float32), jnp.asarray(wk, jnp.float32),
-                                   spec)).reshape(ref.shape[0], -1)
+            got = np.asarray(diagnostics.esd(jnp.asarray(wq, jnp.float32), jnp.asarray(wk, jnp.float32),
+                                             spec)).reshape(ref.shape[0], -1)
             assert got.shape[-1] == spec.rank
             top = ref[..., :spec.rank]
             assert np.all(np.abs(got - top) <= 1e-4 * top[..., :1]), (kind, f, spec.name)
