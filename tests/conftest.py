@@ -3,12 +3,14 @@ import atexit
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 
 import numpy as np
 import pytest
+from absl import flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -21,6 +23,26 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+# Session fixtures every pytest-xdist worker may build for itself (cheap, used by every test).
+PER_WORKER = {"data_cache"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's `--dist loadgroup`, the tests that share a module- or session-scoped
+    fixture (a training run) run on one worker, so it is built once: one group per fixture of
+    this file (e.g. the tiny sweep), one per test module for a module's own fixtures."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        shared = sorted(
+            d.baseid if d.baseid.endswith(".py") else d.argname
+            for d in (defs[-1] for defs in item._fixtureinfo.name2fixturedefs.values())  # pylint: disable=protected-access
+            if d.scope != "function" and d.baseid and d.argname not in PER_WORKER)
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[-1]))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,6 +60,24 @@ def rng():
     seed = int(os.environ.get("MLA_RMT_TEST_SEED") or np.random.SeedSequence().entropy % 2**63)
     print(f"seed={seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def parse(monkeypatch):
+    """mla_rmt.main's flag parser on the global flags, in this process; the flags and the SIGINT
+    handler main installs are reset afterwards (config_flags reads the overrides from sys.argv,
+    as under app.run)."""
+    from mla_rmt import main  # pylint: disable=import-outside-toplevel  (defines the flags)
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["main", *args])
+        return main._parse_flags(sys.argv)  # pylint: disable=protected-access
+    sigint = signal.getsignal(signal.SIGINT)
+    yield run
+    signal.signal(signal.SIGINT, sigint)
+    flags.FLAGS.unparse_flags()
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:   # the overrides' flags,
+        delattr(flags.FLAGS, name)                  # defined while parsing: again next time
 
 
 # A trial small enough for a test: the tiny model on short sequences.

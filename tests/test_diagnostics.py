@@ -93,11 +93,14 @@ def logits(wq, wk, x_TxD):
                      np.einsum("td,dhk->thk", x_TxD, wk))
 
 
+# Compiled once per (matrices, shapes, dtype): the gauged maps reuse the original's executable.
+_spectra_of_maps = jax.jit(diagnostics.spectra_of_maps, static_argnums=2)
+
+
 def metrics(specs, wq, wk, dtype=jnp.float32):
     """The in-step spectra of one layer's maps; float64 under jax's x64 mode (the same code)."""
     with jax.enable_x64(dtype == jnp.float64):
-        got = jax.jit(lambda a, b: diagnostics.spectra_of_maps(a, b, specs))(
-            jnp.asarray(wq, dtype), jnp.asarray(wk, dtype))
+        got = _spectra_of_maps(jnp.asarray(wq, dtype), jnp.asarray(wk, dtype), specs)
         return jax.tree.map(np.asarray, got)
 
 

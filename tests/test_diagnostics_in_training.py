@@ -7,21 +7,25 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, read_scalars, run_main
+from conftest import REPO, read_scalars
 
-RUN = ("--config.model.attention.kind=mla_decoupled", "--config.model.attention.rope_fraction=0.5",
-       "--config.train.num_steps=10", "--config.train.log_every=1", "--config.train.eval_every=5",
-       "--config.train.checkpoint_every=5")
+from mla_rmt import presets, sweep, train
+
+RUN = {"model.attention.kind": "mla_decoupled", "model.attention.rope_fraction": 0.5,
+       "data.seq_len": 32, "data.global_batch_size": 8, "train.eval_batches": 2,
+       "train.num_steps": 10, "train.log_every": 1, "train.eval_every": 5, "train.checkpoint_every": 5}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, data_cache):
     """The same short run with spectra and probes every step, with diagnostics off, and every
-    3 steps (the trainer alternates the spectra step and the plain one)."""
+    3 steps (the trainer alternates the spectra step and the plain one), in this process."""
+    del data_cache
     on, off, every3 = (tmp_path_factory.mktemp(n) for n in ("diag_on", "diag_off", "diag_every3"))
     for workdir, every in ((on, 1), (off, 0), (every3, 3)):
-        proc = run_main(workdir, *RUN, f"--config.diagnostics.every={every}")
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        config = sweep.apply(presets.apply_model_preset(presets.base_config(), "tiny"),
+                             {**RUN, "diagnostics.every": every})
+        assert train.train_and_evaluate(config, str(workdir)).status == "finished"
     return on, off, every3
 
 

@@ -11,13 +11,12 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 import time
 
 import numpy as np
 from conftest import REPO, TINY_SWEEP, main_command, read_scalars, run_main
 
-from mla_rmt import sweep
+from mla_rmt import main, sweep
 
 CONFIG = "configs/rope_budget_sweep.py:tiny"
 STEPS = 20
@@ -151,11 +150,10 @@ def test_rerun_skips_every_finished_trial_quickly(tiny_sweep_workdir, tmp_path):
     assert seconds < 60, f"skipping 10 finished trials took {seconds:.0f}s"
 
 
-def test_list_trials_prints_the_ten_trials():
-    proc = subprocess.run([sys.executable, "-m", "mla_rmt.main", f"--config={REPO / CONFIG}",
-                           "--list_trials"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line.split("\t") for line in proc.stdout.strip().splitlines()]
+def test_list_trials_prints_the_ten_trials(parse, capsys):
+    parse(f"--config={REPO / CONFIG}", "--list_trials")
+    main.main(["main"])
+    rows = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
     assert [int(r[0]) for r in rows] == list(range(10))
     assert [r[1] for r in rows] == list(TRIALS)
     declared = sweep.load(f"{REPO / 'configs/rope_budget_sweep.py'}:tiny")
@@ -196,9 +194,7 @@ def test_a_failed_trial_does_not_stop_the_others_and_fails_the_sweep(tmp_path, d
     trial_dirs = [p.name for p in sorted(workdir.iterdir())]
     finished = ["kind=mha,rope_fraction=0.25", "kind=mha,rope_fraction=0"]
     failed = [n for n in trial_dirs if n not in finished]
-    listed = subprocess.run([sys.executable, "-m", "mla_rmt.main", f"--config={config}:tiny",
-                             "--list_trials"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    names = [line.split("\t")[1] for line in listed.stdout.strip().splitlines()]
+    names = [sweep.trial_name(overrides) for overrides in sweep.load(f"{config}:tiny")]  # as main names them
     assert names[0] == finished[0] and names[2] == finished[1], names
     broken = names[1]
     assert broken.startswith("kind=mla_prerope,rope_fraction=0.5,source=text_files,text_glob=")
