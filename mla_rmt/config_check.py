@@ -2,6 +2,7 @@
 place, so a bad field fails with its name instead of a shape error inside compilation."""
 import ml_collections
 
+from mla_rmt import attention  # noqa: F401  (importing it registers the kinds' checks)
 from mla_rmt import data
 from mla_rmt.model_config import ConfigError, ModelConfig
 

@@ -39,3 +39,17 @@ def test_every_section_is_checked_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=f"config.{field}:"):
         config_check.validate(config)
     config_check.validate(presets.base_config())     # the defaults pass
+
+
+def test_validate_knows_every_kind_in_a_fresh_interpreter():
+    """The kinds register their checks when mla_rmt.attention is imported; validate must not
+    depend on an earlier import of it (this process has one, so a new interpreter runs it)."""
+    import subprocess  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+    code = ("from mla_rmt import config_check, presets\n"
+            "for kind in ('mha', 'gqa', 'mla_prerope', 'mla_decoupled'):\n"
+            "    config = presets.base_config()\n"
+            "    config.model.attention.kind = kind\n"
+            "    assert config_check.validate(config).kind == kind\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
