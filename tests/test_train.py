@@ -1,4 +1,5 @@
-"""The trainer end to end through `mla_rmt.main`: resume, preemption, NaN, summaries; a process\nof its own where the test is about the process (a kill, a signal, its log, its file limits)."""
+"""The trainer end to end through `mla_rmt.main`: resume, preemption, NaN, summaries; a process
+of its own where the test is about the process (a kill, a signal, its log, its file limits)."""
 import json
 import math
 import os
