@@ -288,8 +288,11 @@ def report(rows: pd.DataFrame, table: pd.DataFrame, figures: pathlib.Path) -> tu
         md += [f"### {matrix}: {metric} (layer mean)\n",
                markdown(wide(stats, "variant", "when", order)), ""]
 
+    def layer_mean(matrix, metric):
+        return layer_means[(layer_means["matrix"] == matrix) & (layer_means["metric"] == metric)]
+
     matrix, metric = OVER_STEPS
-    group = layer_means[(layer_means["matrix"] == matrix) & (layer_means["metric"] == metric)]
+    group = layer_mean(matrix, metric)
     picks = [s for s in common_steps(group) if s <= 200 or s % 100 == 0]
     if picks:
         stats = per_variant(group[group["step"].isin(picks)], ["step"])
@@ -303,8 +306,8 @@ def report(rows: pd.DataFrame, table: pd.DataFrame, figures: pathlib.Path) -> tu
     if steps:
         final["eval ppl, last"] = ev[ev["step"] == steps[-1]].assign(value=lambda f: np.exp(f["value"]))
     for matrix, metric in CONTRAST_METRICS:
-        group = layer_means[(layer_means["matrix"] == matrix) & (layer_means["metric"] == metric)]
-        if len(last := common_steps(group)):
+        group = layer_mean(matrix, metric)
+        if last := common_steps(group):
             final[f"{matrix} {metric}, step {last[-1]}"] = group[group["step"] == last[-1]]
     diffs, long = contrasts(final)
     if not diffs.empty:

@@ -81,8 +81,8 @@ def parse(monkeypatch):
 
 
 # A trial small enough for a test: the tiny model on short sequences.
-FAST = ("--config.data.seq_len=32", "--config.data.global_batch_size=8",
-        "--config.train.eval_batches=2")
+FAST_OVERRIDES = {"data.seq_len": 32, "data.global_batch_size": 8, "train.eval_batches": 2}
+FAST = tuple(f"--config.{field}={value}" for field, value in FAST_OVERRIDES.items())
 
 
 def main_command(workdir, *overrides, config="configs/llama.py:tiny"):

@@ -7,13 +7,13 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, read_scalars
+from conftest import FAST_OVERRIDES, REPO, read_scalars
 
 from mla_rmt import presets, sweep, train
 
-RUN = {"model.attention.kind": "mla_decoupled", "model.attention.rope_fraction": 0.5,
-       "data.seq_len": 32, "data.global_batch_size": 8, "train.eval_batches": 2,
-       "train.num_steps": 10, "train.log_every": 1, "train.eval_every": 5, "train.checkpoint_every": 5}
+RUN = {**FAST_OVERRIDES, "model.attention.kind": "mla_decoupled",
+       "model.attention.rope_fraction": 0.5, "train.num_steps": 10, "train.log_every": 1,
+       "train.eval_every": 5, "train.checkpoint_every": 5}
 
 
 @pytest.fixture(scope="module")
