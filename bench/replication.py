@@ -30,20 +30,6 @@ import time
 from bench import export_scalars
 
 
-def parse_trials(spec: str, count: int) -> list[int]:
-    """'0-8' or '0,2,5' or '' (all) -> trial indices, each checked against the sweep."""
-    if not spec:
-        return list(range(count))
-    out = []
-    for part in spec.split(","):
-        first, _, last = part.partition("-")
-        out += range(int(first), int(last or first) + 1)
-    bad = [i for i in out if not 0 <= i < count]
-    if bad:
-        raise SystemExit(f"--trials: {bad} not in the sweep's 0..{count - 1}")
-    return out
-
-
 def corpus_report(config) -> dict:
     """Documents, records, words, characters and tokens of each corpus and split."""
     from mla_rmt import data, tokenizer   # pylint: disable=import-outside-toplevel
@@ -108,7 +94,11 @@ def main():
     (out / f"corpus.{args.trials or 'all'}.json").write_text(json.dumps(report, indent=1))
     print(f"corpus and tokenizer ready after {time.time() - start:.0f} s: "
           f"{json.dumps(report['splits'])}", flush=True)
-    indices = parse_trials(args.trials, count)
+    from mla_rmt import sweep   # pylint: disable=import-outside-toplevel  (after JAX_PLATFORMS)
+    try:
+        indices = sweep.select(args.trials, count)
+    except ValueError as e:
+        raise SystemExit(f"--trials: {e}") from None
     env = dict(trial_env, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / len(indices):.3f}")
     if args.compile_cache:
         env.setdefault("JAX_COMPILATION_CACHE_DIR", args.compile_cache)

@@ -2,7 +2,7 @@
 
 Fields are overridden with `--config.a.b=value` (for every trial). A config file that
 declares a sweep (`get_sweep`) runs each trial in turn in DIR/<swept values>/, or one with
-`--trial=N`; finished trials are skipped and unfinished ones resume from their checkpoint.
+some with `--trial` (`3`, `0-5`, `0,4,8-9`); finished trials are skipped and unfinished ones resume from their checkpoint.
 
 A failing trial is reported and the next one runs; the exit status is 1 when any failed.
 After SIGTERM the running trial saves and the process exits with PREEMPTED_EXIT_CODE (75,
@@ -23,7 +23,8 @@ from mla_rmt.model_config import ConfigError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard files.")
-_TRIAL = flags.DEFINE_integer("trial", None, "Run only this trial of the sweep (0-based).")
+_TRIAL = flags.DEFINE_string("trial", "", "Run only these trials of the sweep (0-based): '3', "
+                             "'0-5', '0,4,8-9'.")
 _LIST = flags.DEFINE_bool("list_trials", False, "Print the sweep's trials and exit.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 "
                                    "(multi-process runs without SLURM or a TPU slice).")
@@ -100,16 +101,14 @@ def main(argv):
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required.")
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    selected = list(enumerate(all_trials))
-    if _TRIAL.value is not None:
-        if not 0 <= _TRIAL.value < len(all_trials):
-            raise app.UsageError(f"--trial={_TRIAL.value}: the sweep has {len(all_trials)} trials "
-                                 f"(0..{len(all_trials) - 1}).")
-        selected = [selected[_TRIAL.value]]
+    try:
+        selected = [all_trials[i] for i in sweep.select(_TRIAL.value, len(all_trials))]
+    except ValueError as e:
+        raise app.UsageError(f"--trial={_TRIAL.value}: {e}") from None
 
     signal.signal(signal.SIGINT, _Interrupt.handle)
     statuses = {}
-    for i, (name, overrides) in selected:
+    for name, overrides in selected:
         workdir = str(epath.Path(_WORKDIR.value) / name) if name else _WORKDIR.value
         statuses[name or workdir] = status = run_trial(workdir, overrides)
         if _Interrupt.received:

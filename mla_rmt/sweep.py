@@ -67,3 +67,20 @@ def load(config_spec: str) -> list[dict] | None:
     if not hasattr(module, "get_sweep"):
         return None
     return module.get_sweep(arg) if arg else module.get_sweep()
+
+
+def select(spec: str, count: int) -> list[int]:
+    """Trial indices of a spec such as '3', '0-5' or '0,4,8-9' ('' = all of the `count`)."""
+    if not spec:
+        return list(range(count))
+    indices = []
+    for part in spec.split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            indices += range(int(first), int(last or first) + 1)
+        except ValueError:
+            raise ValueError(f"{part!r} is not a trial index or range (e.g. '3', '0-5', '0,4,8-9')") from None
+    bad = [i for i in indices if not 0 <= i < count]
+    if bad:
+        raise ValueError(f"{bad} not in the sweep's trials 0..{count - 1}")
+    return list(dict.fromkeys(indices))

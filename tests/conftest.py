@@ -24,6 +24,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# The suite is bound by XLA's CPU compilations of small programs, not by running them: LLVM at
+# -O1 instead of the default -O2 compiles them in about two thirds of the time (BENCHMARKS.md,
+# "The test suite"). Numerics under test are compared with references or with themselves
+# within one setting; tests/test_golden.py records its values under this one.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=1"
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
 
 # Session fixtures every pytest-xdist worker may build for itself (cheap, used by every test).
 PER_WORKER = {"data_cache"}
@@ -109,15 +117,19 @@ def read_scalars(logdir) -> dict[str, dict[int, float]]:
     return out
 
 
-# The tiny RoPE-budget sweep, shortened: every trial for 20 steps with spectra and probes.
+# The tiny RoPE-budget sweep, shortened: one trial of each kind (mha, mla_prerope and
+# mla_decoupled at rope fractions 0.25, 0.5, 0.5, and NoPE) for 20 steps with spectra and probes
+# every 5 steps, images every 10.
+TINY_SWEEP_TRIALS = (0, 4, 7, 9)
 TINY_SWEEP = ("--config.train.num_steps=20", "--config.train.log_every=5",
               "--config.train.eval_every=10", "--config.train.checkpoint_every=10",
-              "--config.diagnostics.every=5")
+              "--config.diagnostics.every=5", "--config.diagnostics.images_every=10",
+              f"--trial={','.join(map(str, TINY_SWEEP_TRIALS))}")
 
 
 @pytest.fixture(scope="session")
 def tiny_sweep_workdir(tmp_path_factory, data_cache):
-    """A finished run of `configs/rope_budget_sweep.py:tiny` (10 trials), shared by tests."""
+    """A finished run of four trials of `configs/rope_budget_sweep.py:tiny`, shared by tests."""
     del data_cache
     workdir = tmp_path_factory.mktemp("tiny_sweep")
     proc = run_main(workdir, *TINY_SWEEP, config="configs/rope_budget_sweep.py:tiny", timeout=1200)

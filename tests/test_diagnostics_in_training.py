@@ -13,7 +13,8 @@ from mla_rmt import presets, sweep, train
 
 RUN = {**FAST_OVERRIDES, "model.attention.kind": "mla_decoupled",
        "model.attention.rope_fraction": 0.5, "train.num_steps": 10, "train.log_every": 1,
-       "train.eval_every": 5, "train.checkpoint_every": 5}
+       "train.eval_every": 5, "train.checkpoint_every": 5,
+       "diagnostics.images_every": 300}   # images at step 0 only: host work these tests don't read
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,21 @@
 """A fixed tiny trial trains to bit-identical losses, gradient norms and spectra.
 
-The reference values were recorded from the trainer as it was before its modules were split
-(float32 values as float.hex). A change that reorders or rewrites any arithmetic of the step,
-the loss, the optimizer, the diagnostics or the loop's bookkeeping fails here; a change that
-only moves code does not. Values depend on the XLA CPU backend: regenerate them with
-`PYTHONPATH=. python tests/test_golden.py` only where a change of numerics is intended.
+A change that reorders or rewrites any arithmetic of the step, the loss, the optimizer, the
+diagnostics or the loop's bookkeeping fails here; a change that only moves code does not. The
+last bits of float32 results depend on the machine (XLA's CPU kernels and their blocking differ
+between CPU models) and on the suite's XLA flags (conftest.TEST_XLA_FLAGS), so the values are
+held exactly on the platform they were recorded on (RECORDED_ON) and to RTOL elsewhere, which
+still catches a changed init, data order, loss, update or diagnostic definition. Regenerate
+them with `PYTHONPATH=. python tests/test_golden.py` only where a change of numerics is intended.
 """
+import os
 import pathlib
+import platform as platform_lib
 
+import jaxlib
 import numpy as np
 import pytest
-from conftest import read_scalars
+from conftest import TEST_XLA_FLAGS, read_scalars
 
 from mla_rmt import presets, train
 
@@ -26,6 +31,7 @@ def _config(kind):
     t.num_steps, t.log_every, t.eval_every, t.eval_batches, t.checkpoint_every = 6, 1, 3, 2, 6
     config.diagnostics.every = 2              # spectra of the params after steps 0, 2, 4
     config.diagnostics.activations_every = 3
+    config.diagnostics.images_every = 6       # images (host work, not recorded) at step 0 only
     return config
 
 
@@ -48,30 +54,57 @@ def _train(kind, workdir):
     return _selected(read_scalars(workdir))
 
 
+def platform() -> str:
+    """What the last bits depend on: jaxlib, the CPU model, its core count, the XLA flags."""
+    cpu = {}
+    if os.path.exists("/proc/cpuinfo"):
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            cpu.setdefault(key.strip(), value.strip())
+    model = (f"{cpu['vendor_id']} family {cpu['cpu family']} model {cpu['model']}" if "model" in cpu
+             else platform_lib.processor() or platform_lib.machine())
+    return f"jaxlib {jaxlib.__version__}, {model}, {os.cpu_count()} cores, {TEST_XLA_FLAGS}"
+
+
+# Elsewhere than RECORDED_ON: the values of another CPU model differed from these by at most
+# 6e-4 (relative) after six steps.
+RTOL, ATOL = 5e-3, 1e-6
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_fixed_tiny_trial_trains_to_the_recorded_values(kind, tmp_path):
-    got = _train(kind, tmp_path)
-    assert set(got) == set(GOLDEN[kind]), sorted(set(got) ^ set(GOLDEN[kind]))
-    mismatched = {tag: (got[tag], GOLDEN[kind][tag]) for tag in got if got[tag] != GOLDEN[kind][tag]}
-    assert not mismatched, mismatched
+    got, want = _train(kind, tmp_path), GOLDEN[kind]
+    assert set(got) == set(want), sorted(set(got) ^ set(want))
+    for tag in want:
+        assert sorted(got[tag]) == sorted(want[tag]), tag
+    if platform() == RECORDED_ON:
+        mismatched = {tag: (got[tag], want[tag]) for tag in got if got[tag] != want[tag]}
+        assert not mismatched, mismatched
+    else:
+        for tag in want:
+            steps = sorted(want[tag])
+            np.testing.assert_allclose([float.fromhex(got[tag][s]) for s in steps],
+                                       [float.fromhex(want[tag][s]) for s in steps],
+                                       rtol=RTOL, atol=ATOL, err_msg=f"{tag} (not on {RECORDED_ON})")
 
 
+RECORDED_ON = 'jaxlib 0.10.2, AuthenticAMD family 25 model 17, 2 cores, --xla_backend_optimization_level=1'
 GOLDEN = {
     'mla_decoupled': {
         'spectral/qk_circuit/mp_gap/head_mean/mean': {
             0: '0x1.1ce9e00000000p-7',
-            2: '0x1.1cba600000000p-7',
-            4: '0x1.1d88300000000p-7',
+            2: '0x1.1cb9a00000000p-7',
+            4: '0x1.1d8e000000000p-7',
         },
         'spectral/qk_circuit/stable_rank/head_mean/mean': {
             0: '0x1.6aa7440000000p+3',
             2: '0x1.6aa2720000000p+3',
-            4: '0x1.6a8cc40000000p+3',
+            4: '0x1.6a8cd60000000p+3',
         },
         'spectral/qk_circuit/lambda_max/head_mean/mean': {
             0: '0x1.6a50d20000000p+1',
             2: '0x1.6a51580000000p+1',
-            4: '0x1.6a57500000000p+1',
+            4: '0x1.6a57380000000p+1',
         },
         'spectral/qk_circuit_sum/mp_gap/mean': {
             0: '0x0.0p+0',
@@ -80,21 +113,21 @@ GOLDEN = {
         },
         'spectral/qk_circuit_sum/stable_rank/mean': {
             0: '0x1.7f98440000000p+3',
-            2: '0x1.7f90140000000p+3',
-            4: '0x1.7f6ce20000000p+3',
+            2: '0x1.7f90160000000p+3',
+            4: '0x1.7f6d080000000p+3',
         },
         'spectral/qk_circuit_sum/lambda_max/mean': {
             0: '0x1.51d3a80000000p-11',
-            2: '0x1.51d7080000000p-11',
-            4: '0x1.51e89e0000000p-11',
+            2: '0x1.51d7060000000p-11',
+            4: '0x1.51e85e0000000p-11',
         },
         'train/grad_norm': {
-            1: '0x1.2daa280000000p+1',
+            1: '0x1.2da74e0000000p+1',
             2: '0x1.2c2e180000000p+1',
-            3: '0x1.274e700000000p+1',
-            4: '0x1.3567360000000p+1',
-            5: '0x1.33d7c40000000p+1',
-            6: '0x1.2268480000000p+1',
+            3: '0x1.2743d00000000p+1',
+            4: '0x1.35489a0000000p+1',
+            5: '0x1.33ef7c0000000p+1',
+            6: '0x1.2272a40000000p+1',
         },
         'train/learning_rate': {
             1: '0x0.0p+0',
@@ -105,76 +138,76 @@ GOLDEN = {
             6: '0x1.3a92a80000000p-12',
         },
         'train/loss': {
-            1: '0x1.0744f40000000p+3',
+            1: '0x1.0745780000000p+3',
             2: '0x1.03984a0000000p+3',
-            3: '0x1.039c2a0000000p+3',
-            4: '0x1.035a980000000p+3',
-            5: '0x1.02c1100000000p+3',
-            6: '0x1.ffc0e60000000p+2',
+            3: '0x1.0394ca0000000p+3',
+            4: '0x1.035c3e0000000p+3',
+            5: '0x1.02bd260000000p+3',
+            6: '0x1.ffc14c0000000p+2',
+        },
+        'eval/loss': {
+            3: '0x1.0364b60000000p+3',
+            6: '0x1.fcab4c0000000p+2',
         },
         'activations/attn_entropy_bits/layer_00': {
             3: '0x1.9573f40000000p+1',
-            6: '0x1.956e840000000p+1',
+            6: '0x1.956cf80000000p+1',
         },
         'activations/attn_sigma1/layer_00': {
-            3: '0x1.95af200000000p+0',
-            6: '0x1.959be20000000p+0',
+            3: '0x1.95b2fe0000000p+0',
+            6: '0x1.959c3e0000000p+0',
         },
         'activations/attn_sigma2/layer_00': {
-            3: '0x1.11e12e0000000p+0',
-            6: '0x1.11f05e0000000p+0',
+            3: '0x1.11e47a0000000p+0',
+            6: '0x1.11f44a0000000p+0',
         },
         'activations/attn_sigma_ratio/layer_00': {
-            3: '0x1.7b332e0000000p+0',
-            6: '0x1.7b0c2c0000000p+0',
+            3: '0x1.7b323a0000000p+0',
+            6: '0x1.7b07160000000p+0',
         },
         'activations/rep_stable_rank/layer_00': {
-            3: '0x1.c2c0fe0000000p+1',
-            6: '0x1.c256b40000000p+1',
-        },
-        'eval/loss': {
-            3: '0x1.03654a0000000p+3',
-            6: '0x1.fca7e80000000p+2',
+            3: '0x1.c306a40000000p+1',
+            6: '0x1.c231820000000p+1',
         },
     },
     'mha': {
         'spectral/qk_circuit/mp_gap/head_mean/mean': {
             0: '0x1.8c42800000000p-6',
-            2: '0x1.8bbea00000000p-6',
-            4: '0x1.89ddb00000000p-6',
+            2: '0x1.8bbed00000000p-6',
+            4: '0x1.89ddf80000000p-6',
         },
         'spectral/qk_circuit/stable_rank/head_mean/mean': {
             0: '0x1.707aa60000000p+3',
             2: '0x1.707c0c0000000p+3',
-            4: '0x1.7087080000000p+3',
+            4: '0x1.7086da0000000p+3',
         },
         'spectral/qk_circuit/lambda_max/head_mean/mean': {
             0: '0x1.6a9ae80000000p+1',
-            2: '0x1.6a96fa0000000p+1',
-            4: '0x1.6a810a0000000p+1',
+            2: '0x1.6a96fc0000000p+1',
+            4: '0x1.6a81320000000p+1',
         },
         'spectral/qk_circuit_sum/mp_gap/mean': {
             0: '0x1.810f600000000p-6',
-            2: '0x1.8265800000000p-6',
-            4: '0x1.800c800000000p-6',
+            2: '0x1.8266800000000p-6',
+            4: '0x1.7fffa00000000p-6',
         },
         'spectral/qk_circuit_sum/stable_rank/mean': {
             0: '0x1.3901820000000p+4',
             2: '0x1.390ab40000000p+4',
-            4: '0x1.3923400000000p+4',
+            4: '0x1.39230c0000000p+4',
         },
         'spectral/qk_circuit_sum/lambda_max/mean': {
             0: '0x1.ab0a280000000p-12',
             2: '0x1.aafa740000000p-12',
-            4: '0x1.aac8900000000p-12',
+            4: '0x1.aac8ca0000000p-12',
         },
         'train/grad_norm': {
             1: '0x1.2706b80000000p+1',
-            2: '0x1.24cbaa0000000p+1',
-            3: '0x1.18ad220000000p+1',
-            4: '0x1.29389c0000000p+1',
-            5: '0x1.20396c0000000p+1',
-            6: '0x1.1be73e0000000p+1',
+            2: '0x1.24cdb80000000p+1',
+            3: '0x1.18a1120000000p+1',
+            4: '0x1.2938a60000000p+1',
+            5: '0x1.2048c60000000p+1',
+            6: '0x1.1bee160000000p+1',
         },
         'train/learning_rate': {
             1: '0x0.0p+0',
@@ -186,35 +219,35 @@ GOLDEN = {
         },
         'train/loss': {
             1: '0x1.03e24c0000000p+3',
-            2: '0x1.01c99e0000000p+3',
-            3: '0x1.059d520000000p+3',
-            4: '0x1.01ef300000000p+3',
-            5: '0x1.00e95e0000000p+3',
-            6: '0x1.fd70ea0000000p+2',
-        },
-        'activations/attn_entropy_bits/layer_00': {
-            3: '0x1.909a780000000p+1',
-            6: '0x1.909d720000000p+1',
-        },
-        'activations/attn_sigma1/layer_00': {
-            3: '0x1.9417e20000000p+0',
-            6: '0x1.9406220000000p+0',
-        },
-        'activations/attn_sigma2/layer_00': {
-            3: '0x1.0e89940000000p+0',
-            6: '0x1.0e866e0000000p+0',
-        },
-        'activations/attn_sigma_ratio/layer_00': {
-            3: '0x1.7e61140000000p+0',
-            6: '0x1.7e54bc0000000p+0',
-        },
-        'activations/rep_stable_rank/layer_00': {
-            3: '0x1.b64b380000000p+1',
-            6: '0x1.b611480000000p+1',
+            2: '0x1.01c9a00000000p+3',
+            3: '0x1.05a3d40000000p+3',
+            4: '0x1.01ef020000000p+3',
+            5: '0x1.00f0940000000p+3',
+            6: '0x1.fd7f3c0000000p+2',
         },
         'eval/loss': {
-            3: '0x1.0202ce0000000p+3',
-            6: '0x1.fa28dc0000000p+2',
+            3: '0x1.02042c0000000p+3',
+            6: '0x1.fa25ec0000000p+2',
+        },
+        'activations/attn_entropy_bits/layer_00': {
+            3: '0x1.909a880000000p+1',
+            6: '0x1.909dec0000000p+1',
+        },
+        'activations/attn_sigma1/layer_00': {
+            3: '0x1.94173e0000000p+0',
+            6: '0x1.94038c0000000p+0',
+        },
+        'activations/attn_sigma2/layer_00': {
+            3: '0x1.0e88b80000000p+0',
+            6: '0x1.0e84260000000p+0',
+        },
+        'activations/attn_sigma_ratio/layer_00': {
+            3: '0x1.7e61b00000000p+0',
+            6: '0x1.7e55820000000p+0',
+        },
+        'activations/rep_stable_rank/layer_00': {
+            3: '0x1.b63dee0000000p+1',
+            6: '0x1.b60af80000000p+1',
         },
     },
 }
@@ -227,9 +260,9 @@ if __name__ == "__main__":
     recorded = {kind: _train(kind, pathlib.Path(tempfile.mkdtemp())) for kind in KINDS}
     path = pathlib.Path(__file__)
     text = path.read_text()
-    head = text[:text.index("GOLDEN = ")]
+    head = text[:text.index("RECORDED_ON = ")]
     tail = text[text.index('\n\nif __name__ == "__main__":'):]
-    lines = ["GOLDEN = {"]
+    lines = [f"RECORDED_ON = {platform()!r}", "GOLDEN = {"]
     for kind, tags in recorded.items():
         lines.append(f"    {kind!r}: {{")
         for tag, values in tags.items():

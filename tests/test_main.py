@@ -30,8 +30,10 @@ def test_list_trials_prints_every_trial_of_the_sweep(parse, capsys):
         (i, sweep.trial_name(o)) for i, o in enumerate(declared)]
 
 
-@pytest.mark.parametrize("args, error", [(("--workdir=/nonexistent/w", "--trial=99"), "--trial=99"),
-                                         ((), "--workdir")])
+@pytest.mark.parametrize("args, error", [
+    (("--workdir=/nonexistent/w", "--trial=99"), r"--trial=99: \[99\] not in the sweep's trials 0..9"),
+    (("--workdir=/nonexistent/w", "--trial=1,x"), "--trial=1,x: 'x' is not a trial index"),
+    ((), "--workdir")])
 def test_a_bad_trial_or_no_workdir_is_refused_before_training(parse, args, error):
     parse(SWEEP, *args)
     with pytest.raises(app.UsageError, match=error):

@@ -7,7 +7,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import REPO
+from conftest import REPO, TINY_SWEEP_TRIALS
 
 EXPORT = REPO / "results" / "replication_prose" / "scalars.json.gz"
 
@@ -50,7 +50,7 @@ def test_notebook_runs_on_the_tiny_sweep(name, tiny_sweep_workdir):
     text = execute(name, tiny_sweep_workdir)
     if name == "spectral_dynamics":       # the table has a row per trial of the sweep
         trials = sorted(p.name for p in tiny_sweep_workdir.iterdir() if (p / "result.json").exists())
-        assert len(trials) == 10 and all(t in text for t in trials)
+        assert len(trials) == len(TINY_SWEEP_TRIALS) and all(t in text for t in trials)
     else:                                  # the width experiment's table and the depth figure
         assert "A-11^T/T" in text and "diag(i/T)(A_c-U)" in text
 

@@ -1,7 +1,8 @@
 """The tiny RoPE-budget sweep end to end: run directories, summaries, HParams, skip, failure.
 
-Most tests read the session's finished sweep (conftest's `tiny_sweep_workdir`, 10 trials of
-20 steps with spectra and probes every 5); tests that run main again work on copies.
+Most tests read the session's finished sweep (conftest's `tiny_sweep_workdir`: four of the ten
+trials, one of each kind, for 20 steps with spectra and probes every 5); tests that run main
+again work on copies.
 """
 import ast
 import functools
@@ -14,17 +15,19 @@ import subprocess
 import time
 
 import numpy as np
-from conftest import REPO, TINY_SWEEP, main_command, read_scalars, run_main
+import pytest
+from conftest import REPO, TINY_SWEEP, TINY_SWEEP_TRIALS, main_command, read_scalars, run_main
 
 from mla_rmt import main, sweep
 
 CONFIG = "configs/rope_budget_sweep.py:tiny"
 STEPS = 20
 # Trial directory -> (attention kind, rope_fraction), as configs/rope_budget_sweep.py declares
-# them: the 3 x 3 product in order, then NoPE.
-TRIALS = {f"kind={kind},rope_fraction={text}": (kind, float(text))
-          for kind in ("mha", "mla_prerope", "mla_decoupled") for text in ("0.25", "0.5", "0.75")}
-TRIALS["kind=mha,rope_fraction=0"] = ("mha", 0.0)
+# them: the 3 x 3 product in order, then NoPE; the session's sweep ran the TINY_SWEEP_TRIALS.
+ALL_TRIALS = {f"kind={kind},rope_fraction={text}": (kind, float(text))
+              for kind in ("mha", "mla_prerope", "mla_decoupled") for text in ("0.25", "0.5", "0.75")}
+ALL_TRIALS["kind=mha,rope_fraction=0"] = ("mha", 0.0)
+TRIALS = {name: ALL_TRIALS[name] for i, name in enumerate(ALL_TRIALS) if i in TINY_SWEEP_TRIALS}
 FINAL = ("final/eval_loss", "final/eval_perplexity", "final/max_mp_gap", "final/mean_outlier_energy",
          "final/max_head_mp_gap")
 
@@ -55,8 +58,8 @@ def _value(proto_value):
     return getattr(proto_value, proto_value.WhichOneof("kind"))
 
 
-def test_one_run_directory_per_trial_named_from_the_swept_values(tiny_sweep_workdir):
-    assert sorted(p.name for p in tiny_sweep_workdir.iterdir()) == sorted(TRIALS)
+def test_one_run_directory_per_selected_trial_named_from_the_swept_values(tiny_sweep_workdir):
+    assert sorted(p.name for p in tiny_sweep_workdir.iterdir()) == sorted(TRIALS)   # no others
     for name, (kind, fraction) in TRIALS.items():
         run_dir = tiny_sweep_workdir / name
         result = json.loads((run_dir / "result.json").read_text())
@@ -97,7 +100,7 @@ def test_every_trial_logs_train_eval_perf_spectral_and_activation_tags(tiny_swee
             assert all(math.isfinite(v) for v in series.values()), (name, tag)
         finals[name] = values["train/loss"][STEPS]
         assert finals[name] < values["train/loss"][1], name
-    assert len(set(finals.values())) == len(TRIALS)      # ten different models, not one ten times
+    assert len(set(finals.values())) == len(TRIALS)      # different models, not one four times
 
 
 def test_hparams_hold_the_swept_values_and_final_metrics(tiny_sweep_workdir):
@@ -147,7 +150,21 @@ def test_rerun_skips_every_finished_trial_quickly(tiny_sweep_workdir, tmp_path):
         assert f"  skipped   {name}" in proc.stderr, name
     assert "Model:" not in proc.stderr and "Resuming" not in proc.stderr
     assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before   # nothing written
-    assert seconds < 60, f"skipping 10 finished trials took {seconds:.0f}s"
+    assert seconds < 60, f"skipping {len(TRIALS)} finished trials took {seconds:.0f}s"
+
+
+@pytest.mark.parametrize("spec, indices", [("", list(range(10))), ("3", [3]), ("0-2", [0, 1, 2]),
+                                           ("0,4,8-9", [0, 4, 8, 9]), (" 9, 0 ", [9, 0]), ("1,1-2", [1, 2])])
+def test_select_reads_indices_and_ranges_in_order(spec, indices):
+    assert sweep.select(spec, 10) == indices
+
+
+@pytest.mark.parametrize("spec, error", [("10", r"\[10\] not in the sweep's trials 0..9"),
+                                         ("2-12", r"\[10, 11, 12\] not in"), ("a", "'a' is not a trial index"),
+                                         ("1,,2", "'' is not a trial index"), ("-1", "'-1' is not")])
+def test_select_names_a_bad_spec(spec, error):
+    with pytest.raises(ValueError, match=error):
+        sweep.select(spec, 10)
 
 
 def test_list_trials_prints_the_ten_trials(parse, capsys):
@@ -155,10 +172,10 @@ def test_list_trials_prints_the_ten_trials(parse, capsys):
     main.main(["main"])
     rows = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
     assert [int(r[0]) for r in rows] == list(range(10))
-    assert [r[1] for r in rows] == list(TRIALS)
+    assert [r[1] for r in rows] == list(ALL_TRIALS)
     declared = sweep.load(f"{REPO / 'configs/rope_budget_sweep.py'}:tiny")
     assert [ast.literal_eval(r[2]) for r in rows] == declared
-    for (name, (kind, fraction)), overrides in zip(TRIALS.items(), declared):
+    for (name, (kind, fraction)), overrides in zip(ALL_TRIALS.items(), declared):
         assert overrides == {"model.attention.kind": kind, "model.attention.rope_fraction": fraction}
 
 
@@ -209,30 +226,8 @@ def test_a_failed_trial_does_not_stop_the_others_and_fails_the_sweep(tmp_path, d
     assert "Traceback" not in proc.stderr
 
 
-THREE_TRIALS = '''"""Three trials of the tiny RoPE-budget sweep."""
-import importlib.util
-
-_spec = importlib.util.spec_from_file_location("rope_budget_sweep", {path!r})
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
-
-
-def get_config(arg="tiny"):
-    return _base.get_config(arg)
-
-
-def get_sweep(arg="tiny"):
-    trials = _base.get_sweep(arg)
-    return [trials[0], trials[4], trials[-1]]
-'''
 SHORT = ("--config.train.num_steps=3", "--config.train.log_every=1", "--config.train.eval_every=3",
          "--config.train.checkpoint_every=3", "--config.diagnostics.every=0")
-
-
-def _three_trials(tmp_path) -> str:
-    config = tmp_path / "three_trials.py"
-    config.write_text(THREE_TRIALS.format(path=str(REPO / "configs/rope_budget_sweep.py")))
-    return str(config) + ":tiny"
 
 
 def test_an_unexpected_error_in_the_middle_trial_is_contained_and_recorded(tmp_path, data_cache):
@@ -241,7 +236,7 @@ def test_an_unexpected_error_in_the_middle_trial_is_contained_and_recorded(tmp_p
     broken = workdir / "kind=mla_prerope,rope_fraction=0.5"
     broken.mkdir(parents=True)
     (broken / "checkpoints").write_text("a file where the checkpoints directory should be")
-    proc = run_main(workdir, *SHORT, config=_three_trials(tmp_path))
+    proc = run_main(workdir, *SHORT, "--trial=0,4,9", config=CONFIG)
     assert proc.returncode == 1, proc.stderr[-3000:]
     for name in ("kind=mha,rope_fraction=0.25", "kind=mha,rope_fraction=0"):   # before and after it
         assert json.loads((workdir / name / "result.json").read_text())["step"] == 3, name
@@ -259,9 +254,9 @@ def test_an_unexpected_error_in_the_middle_trial_is_contained_and_recorded(tmp_p
 def test_two_trials_started_together_on_a_fresh_cache_both_succeed(tmp_path):
     env = dict(os.environ, MLA_RMT_CACHE=str(tmp_path / "fresh_cache"))
     workdir = tmp_path / "sweep"
-    procs = [subprocess.Popen(main_command(workdir, *SHORT, f"--trial={i}", config=_three_trials(tmp_path)),
+    procs = [subprocess.Popen(main_command(workdir, *SHORT, f"--trial={i}", config=CONFIG),
                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
+                              text=True) for i in (0, 4)]
     logs = [p.communicate(timeout=900)[1] for p in procs]
     for proc, log in zip(procs, logs):
         assert proc.returncode == 0, log[-3000:]

@@ -262,7 +262,7 @@ def test_a_kill_during_a_checkpoint_keeps_every_scalar_logged_before_it(tmp_path
 
 
 def test_a_batch_not_divisible_by_the_devices_names_the_field_before_compiling(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2")
     proc = subprocess.run(main_command(tmp_path, "--config.data.global_batch_size=7"), cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
