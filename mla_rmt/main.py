@@ -1,12 +1,14 @@
 """Entry point: `python -m mla_rmt.main --config=configs/<file>.py[:arg] --workdir=DIR`.
 
 Fields are overridden with `--config.a.b=value` (for every trial). A config file that
-declares a sweep (`get_sweep`) runs each trial in turn in DIR/<swept values>/, or one with
-some with `--trial` (`3`, `0-5`, `0,4,8-9`); finished trials are skipped and unfinished ones resume from their checkpoint.
+declares a sweep (`get_sweep`) runs each trial in turn in DIR/<swept values>/, or some with
+`--trial` (`3`, `0-5`, `0,4,8-9`); finished trials are skipped and unfinished ones resume from
+their checkpoint.
 
 A failing trial is reported and the next one runs; the exit status is 1 when any failed.
 After SIGTERM the running trial saves and the process exits with PREEMPTED_EXIT_CODE (75,
-EX_TEMPFAIL: run the same command again to resume).
+EX_TEMPFAIL: run the same command again to resume). Ctrl-C stops the trial before its next step
+(a second Ctrl-C at once) and the sweep with it, with a non-zero exit status.
 """
 import logging as py_logging
 import signal

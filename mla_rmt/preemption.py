@@ -11,8 +11,9 @@ from mla_rmt import distributed
 class Preemption:
     """Turns SIGTERM into a flag the loop checks between steps, so it can save and exit.
 
-    Ctrl-C raises KeyboardInterrupt as usual and is also remembered: a KeyboardInterrupt raised
-    inside a callback from compiled code can be swallowed there, and the loop raises it again.
+    Ctrl-C is a flag too: the loop raises KeyboardInterrupt before its next step, where no
+    library is half-way through a write (an exception raised inside the TensorBoard writer's
+    queue can leave its thread waiting forever at close). A second Ctrl-C raises at once.
 
     With several processes the flag of one is not enough: all must save the same step (a
     checkpoint is one collective save). should_stop() reduces the flags over the processes
@@ -44,8 +45,10 @@ class Preemption:
         return self
 
     def _interrupt(self, signum, frame):
+        if self.interrupted:
+            signal.default_int_handler(signum, frame)
         self.interrupted = True
-        signal.default_int_handler(signum, frame)
+        logging.warning("Ctrl-C: stopping before the next step (Ctrl-C again to stop at once).")
 
     def _handle(self, signum, frame):
         del signum, frame

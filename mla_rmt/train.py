@@ -357,7 +357,7 @@ def _train(config, cfg, workdir_path, overrides, changed, cleanup: contextlib.Ex
         step = start_step
         loop_start = time.perf_counter()
         while step < num_steps:
-            if preemption.interrupted:     # a Ctrl-C that something below swallowed
+            if preemption.interrupted:
                 raise KeyboardInterrupt("Ctrl-C during training")
             batch = sharding.global_batch(next(train_iter), mesh)
             state, metrics = trainer.step_for(step)(state, batch)
@@ -385,6 +385,8 @@ def _train(config, cfg, workdir_path, overrides, changed, cleanup: contextlib.Ex
                 ckpt.save(step, state, train_iter, force=True)
             if stop:
                 break
+        if preemption.interrupted:         # during the last step: the sweep stops here too
+            raise KeyboardInterrupt("Ctrl-C during training")
         if not result_written:             # resumed from the final checkpoint: nothing ran
             if not eval_loss.last:
                 eval_loss.evaluate(step, state.params)

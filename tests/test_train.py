@@ -284,7 +284,8 @@ def test_ctrl_c_stops_the_run_with_a_failure_status(tmp_path):
         proc.send_signal(signal.SIGABRT)          # faulthandler prints where every thread is
         raise AssertionError("still running after Ctrl-C:\n" + proc.communicate()[1][-6000:]) from None
     assert proc.returncode not in (0, PREEMPTED_EXIT_CODE), stderr[-3000:]
-    assert "KeyboardInterrupt" in stderr
+    assert "Ctrl-C: stopping before the next step" in stderr
+    assert "KeyboardInterrupt: Ctrl-C during training" in stderr
     assert not (tmp_path / "result.json").exists()
 
 
