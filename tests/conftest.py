@@ -25,8 +25,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # The suite is bound by XLA's CPU compilations of small programs, not by running them: LLVM at
-# -O1 instead of the default -O2 compiles them in about two thirds of the time (BENCHMARKS.md,
-# "The test suite"). Numerics under test are compared with references or with themselves
+# -O1 instead of the default -O2 compiles them in about three quarters of the time
+# (BENCHMARKS.md, "The test suite"). Numerics under test are compared with references or with themselves
 # within one setting; tests/test_golden.py records its values under this one.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=1"
 if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):

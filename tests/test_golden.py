@@ -66,8 +66,8 @@ def platform() -> str:
     return f"jaxlib {jaxlib.__version__}, {model}, {os.cpu_count()} cores, {TEST_XLA_FLAGS}"
 
 
-# Elsewhere than RECORDED_ON: the values of another CPU model differed from these by at most
-# 6e-4 (relative) after six steps.
+# Elsewhere than RECORDED_ON: the values recorded on another CPU model (under XLA's default -O2)
+# differed from these by at most 6e-4 (relative) after six steps.
 RTOL, ATOL = 5e-3, 1e-6
 
 

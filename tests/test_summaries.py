@@ -88,3 +88,17 @@ def test_background_renders_are_all_written_and_a_failing_one_loses_nothing_else
         np.testing.assert_array_equal(_decoded(event), images[event.step])
     for event in acc.Images(tags.esd("m", 1)):
         np.testing.assert_array_equal(_decoded(event), images[event.step][::-1])
+
+
+def test_flush_puts_every_scalar_so_far_on_disk_without_a_close(tmp_path):
+    """What the loop relies on before each checkpoint commit: a process killed after flush()
+    has written every scalar logged before it (read here from the open file, no close)."""
+    writer = summaries.SummaryWriter(str(tmp_path))
+    for step in range(1, 3001):
+        writer.scalars(step, {"train/loss": 1.0 / step, "train/grad_norm": float(step)})
+    writer.flush()
+    acc = _reload(tmp_path)
+    for tag in ("train/loss", "train/grad_norm"):
+        assert [e.step for e in acc.Scalars(tag)] == list(range(1, 3001)), tag
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1      # one event file
+    writer.close()
