@@ -357,8 +357,6 @@ def _train(config, cfg, workdir_path, overrides, changed, cleanup: contextlib.Ex
         step = start_step
         loop_start = time.perf_counter()
         while step < num_steps:
-            if preemption.interrupted:
-                raise KeyboardInterrupt("Ctrl-C during training")
             batch = sharding.global_batch(next(train_iter), mesh)
             state, metrics = trainer.step_for(step)(state, batch)
             step += 1
@@ -383,10 +381,10 @@ def _train(config, cfg, workdir_path, overrides, changed, cleanup: contextlib.Ex
                     result_written = True
                 writer.flush()             # every scalar so far is on disk before the commit
                 ckpt.save(step, state, train_iter, force=True)
+            if preemption.interrupted:     # Ctrl-C during this step: stop before the next one
+                raise KeyboardInterrupt("Ctrl-C during training")
             if stop:
                 break
-        if preemption.interrupted:         # during the last step: the sweep stops here too
-            raise KeyboardInterrupt("Ctrl-C during training")
         if not result_written:             # resumed from the final checkpoint: nothing ran
             if not eval_loss.last:
                 eval_loss.evaluate(step, state.params)
