@@ -1,11 +1,11 @@
-"""Where a short tiny trial's time goes on a CPU: XLA compilation under LLVM -O2 / -O1 / -O0,
-and the ESD and heatmap images. The test suite is made of such trials.
+"""Where a short tiny trial's time goes on a CPU: XLA compilation under several compiler
+settings, and the ESD and heatmap images. The test suite is made of such trials.
 
-    python -m bench.cpu_trial_cost                 # a table; about 3 minutes on 2 cores
+    python -m bench.cpu_trial_cost                 # a table; about 4 minutes on 2 cores
 
 Each setting runs in a fresh process (XLA reads its flags once) with no compilation cache: a
 trial of the tiny mla_decoupled model, 10 steps of 8 x 32 tokens with spectra and probes every
-step, once with images every step and once with images at step 0 only.
+step and images at step 0 only; XLA's defaults run once more with images every step.
 """
 import argparse
 import json
@@ -17,8 +17,17 @@ import sys
 import tempfile
 import time
 
-SETTINGS = {"-O2 (XLA's default)": "", "-O1 (the test suite's)": "--xla_backend_optimization_level=1",
-            "-O0": "--xla_backend_optimization_level=0"}
+LOOP_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+SETTINGS = {
+    "-O2 (XLA's default)": "",
+    "-O1": "--xla_backend_optimization_level=1",
+    "-O0": "--xla_backend_optimization_level=0",
+    "-O2, loop emitters": LOOP_EMITTERS,
+    "-O1, loop emitters": f"--xla_backend_optimization_level=1 {LOOP_EMITTERS}",
+    "-O1, loop emitters, no expensive LLVM passes (the test suite's)":
+        f"--xla_backend_optimization_level=1 {LOOP_EMITTERS} --xla_llvm_disable_expensive_passes=true",
+    "-O0, loop emitters": f"--xla_backend_optimization_level=0 {LOOP_EMITTERS}",
+}
 
 
 def trial(images_every: int) -> dict:
@@ -70,12 +79,13 @@ def main():
         return
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
     print("| XLA setting | images | trial s | compile s |\n| --- | --- | ---: | ---: |")
-    for name, flags in SETTINGS.items():
-        for images_every, label in ((1, "every step"), (1000, "step 0 only")):
-            proc = subprocess.run([sys.executable, "-m", "bench.cpu_trial_cost", f"--child={images_every}"],
-                                  env={**env, "XLA_FLAGS": flags}, capture_output=True, text=True, check=True)
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"| {name} | {label} | {result['wall']:.1f} | {result['compile']:.1f} |", flush=True)
+    runs = [(name, flags, 1000, "step 0 only") for name, flags in SETTINGS.items()]
+    runs.insert(1, ("-O2 (XLA's default)", "", 1, "every step"))
+    for name, flags, images_every, label in runs:
+        proc = subprocess.run([sys.executable, "-m", "bench.cpu_trial_cost", f"--child={images_every}"],
+                              env={**env, "XLA_FLAGS": flags}, capture_output=True, text=True, check=True)
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"| {name} | {label} | {result['wall']:.1f} | {result['compile']:.1f} |", flush=True)
     seconds = render_seconds()
     print(f"\nper image: ESD {seconds['esd']:.3f} s, heatmap {seconds['heatmap']:.3f} s")
 

@@ -24,13 +24,32 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-# The suite is bound by XLA's CPU compilations of small programs, not by running them: LLVM at
-# -O1 instead of the default -O2 compiles them in about three quarters of the time
-# (BENCHMARKS.md, "The test suite"). Numerics under test are compared with references or with themselves
-# within one setting; tests/test_golden.py records its values under this one.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=1"
-if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+# The suite is bound by XLA's CPU compilations of small programs, not by running them. LLVM at
+# -O1 instead of -O2, XLA's loop emitters for fusions instead of its newer fusion emitters, and
+# no expensive LLVM passes compile them in well under half the time (BENCHMARKS.md, "The test
+# suite"). Numerics under test are compared with references or with themselves within one
+# setting; tests/test_golden.py records its values under this one.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=1 --xla_cpu_use_fusion_emitters=false " \
+    "--xla_llvm_disable_expensive_passes=true"
+
+
+def _xla_accepts(xla_flags: str) -> bool:
+    """XLA aborts a process that sets a flag it does not know: try the flags in a child first."""
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"],
+                           env=dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu"),
+                           capture_output=True, text=True, timeout=120)
+    return probe.returncode == 0
+
+
+if FAST_COMPILE_FLAGS in os.environ.get("XLA_FLAGS", ""):      # set by the session that started us
+    TEST_XLA_FLAGS = FAST_COMPILE_FLAGS
+elif _xla_accepts(f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}"):
+    TEST_XLA_FLAGS = FAST_COMPILE_FLAGS
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+else:
+    TEST_XLA_FLAGS = ""
+    print(f"conftest: this jaxlib refuses XLA_FLAGS {FAST_COMPILE_FLAGS!r}; the suite compiles "
+          "with XLA's defaults (slower)", file=sys.stderr)
 
 
 # Session fixtures every pytest-xdist worker may build for itself (cheap, used by every test).

@@ -1,6 +1,6 @@
 """configs/replication.py, bench/replication.py and bench/replication_report.py on real trials:
-two variants x two seeds of the config's tiny variant, run side by side, exported, reported;
-the report's numbers checked against float64 numpy computed here from the export."""
+two variants x two seeds of the config's tiny variant, run side by side in two calls, exported,
+merged, reported; the report's numbers checked against float64 numpy computed here from the export."""
 import gzip
 import json
 import pathlib
@@ -17,6 +17,7 @@ from mla_rmt.model_config import ModelConfig
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "replication.py")
 T975 = {1: 12.706204736174707, 2: 4.302652729749464}   # t quantile 0.975, by degrees of freedom
+CALLS = ("0,5", "6,11")     # the runner's calls in the fixture below: seeds 0, then seeds 1
 
 
 def test_config_sweeps_six_variants_by_three_seeds_on_fixed_data():
@@ -56,16 +57,24 @@ def test_gpu_config_reads_at_most_one_pass_of_the_train_split(data_cache):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, data_cache):
-    """bench.replication on trials 0, 5, 6, 11 of the tiny variant: mha f=0.5 and NoPE,
-    seeds 0 and 1; then the report on its export."""
+    """bench.replication on trials 0, 5, 6, 11 of the tiny variant (mha f=0.5 and NoPE, seeds
+    0 and 1) as two calls with their own workdirs, as on two machines: seeds 0, then seeds 1,
+    which find their programs in the shared compilation cache; the two exports merged by
+    bench.export_scalars, then the report on the merged export."""
     del data_cache
     root = tmp_path_factory.mktemp("replication")
-    proc = subprocess.run([sys.executable, "-m", "bench.replication", f"--config={CONFIG}:tiny",
-                           f"--workdir={root / 'work'}", f"--out={root}", "--trials=0,5,6,11",
-                           "--deadline=1500"], cwd=REPO, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for trials in CALLS:
+        proc = subprocess.run([sys.executable, "-m", "bench.replication", f"--config={CONFIG}:tiny",
+                               f"--workdir={root / trials}", f"--out={root}", f"--trials={trials}",
+                               "--deadline=1500"], cwd=REPO, capture_output=True, text=True,
+                              timeout=1800)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = root / "results" / "replication_prose"
-    export = results / "scalars.0,5,6,11.json.gz"
+    export = root / "scalars.json.gz"
+    merge = subprocess.run([sys.executable, "-m", "bench.export_scalars", "--merge", str(export),
+                            *(str(results / f"scalars.{trials}.json.gz") for trials in CALLS)],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert merge.returncode == 0, merge.stderr[-3000:]
     report = subprocess.run([sys.executable, "bench/replication_report.py", str(export),
                              f"--out={root / 'report'}"], cwd=REPO, capture_output=True, text=True,
                             timeout=600)
@@ -82,7 +91,9 @@ def final_and_best(run_entry):
 
 
 def test_runner_records_corpus_logs_and_a_small_export(run):
-    corpus = json.loads((run["results"] / "corpus.0,5,6,11.json").read_text())
+    corpus, again = (json.loads((run["results"] / f"corpus.{trials}.json").read_text())
+                     for trials in CALLS)
+    assert corpus == again                      # the same documents and tokenizer in every call
     for split in ("train", "validation"):
         assert set(corpus["splits"][split]) == {"sotu", "bbc", "kjv"}
         assert all(row["tokens"] > row["words"] > 0 for row in corpus["splits"][split].values())
