@@ -23,8 +23,8 @@ SETTINGS = {
     "-O1": "--xla_backend_optimization_level=1",
     "-O0": "--xla_backend_optimization_level=0",
     "-O2, loop emitters": LOOP_EMITTERS,
-    "-O1, loop emitters": f"--xla_backend_optimization_level=1 {LOOP_EMITTERS}",
-    "-O1, loop emitters, no expensive LLVM passes (the test suite's)":
+    "-O1, loop emitters (the test suite's)": f"--xla_backend_optimization_level=1 {LOOP_EMITTERS}",
+    "-O1, loop emitters, no expensive LLVM passes":
         f"--xla_backend_optimization_level=1 {LOOP_EMITTERS} --xla_llvm_disable_expensive_passes=true",
     "-O0, loop emitters": f"--xla_backend_optimization_level=0 {LOOP_EMITTERS}",
 }
