@@ -1,6 +1,7 @@
 """configs/replication.py, bench/replication.py and bench/replication_report.py on real trials:
 two variants x two seeds of the config's tiny variant, run side by side in two calls, exported,
-merged, reported; the report's numbers checked against float64 numpy computed here from the export."""
+merged, reported; the report's numbers checked against float64 numpy computed here from the
+export."""
 import gzip
 import json
 import pathlib
