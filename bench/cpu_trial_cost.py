@@ -17,16 +17,17 @@ import sys
 import tempfile
 import time
 
+O1, O0 = "--xla_backend_optimization_level=1", "--xla_backend_optimization_level=0"
 LOOP_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
 SETTINGS = {
     "-O2 (XLA's default)": "",
-    "-O1": "--xla_backend_optimization_level=1",
-    "-O0": "--xla_backend_optimization_level=0",
+    "-O1": O1,
+    "-O0": O0,
     "-O2, loop emitters": LOOP_EMITTERS,
-    "-O1, loop emitters (the test suite's)": f"--xla_backend_optimization_level=1 {LOOP_EMITTERS}",
+    "-O1, loop emitters (the test suite's)": f"{O1} {LOOP_EMITTERS}",
     "-O1, loop emitters, no expensive LLVM passes":
-        f"--xla_backend_optimization_level=1 {LOOP_EMITTERS} --xla_llvm_disable_expensive_passes=true",
-    "-O0, loop emitters": f"--xla_backend_optimization_level=0 {LOOP_EMITTERS}",
+        f"{O1} {LOOP_EMITTERS} --xla_llvm_disable_expensive_passes=true",
+    "-O0, loop emitters": f"{O0} {LOOP_EMITTERS}",
 }
 
 
@@ -82,8 +83,9 @@ def main():
     runs = [(name, flags, 1000, "step 0 only") for name, flags in SETTINGS.items()]
     runs.insert(1, ("-O2 (XLA's default)", "", 1, "every step"))
     for name, flags, images_every, label in runs:
-        proc = subprocess.run([sys.executable, "-m", "bench.cpu_trial_cost", f"--child={images_every}"],
-                              env={**env, "XLA_FLAGS": flags}, capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.cpu_trial_cost", f"--child={images_every}"],
+            env={**env, "XLA_FLAGS": flags}, capture_output=True, text=True, check=True)
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"| {name} | {label} | {result['wall']:.1f} | {result['compile']:.1f} |", flush=True)
     seconds = render_seconds()
