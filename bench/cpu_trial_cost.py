@@ -1,7 +1,7 @@
 """Where a short tiny trial's time goes on a CPU: XLA compilation under several compiler
 settings, and the ESD and heatmap images. The test suite is made of such trials.
 
-    python -m bench.cpu_trial_cost                 # a table; about 4 minutes on 2 cores
+    python -m bench.cpu_trial_cost                 # a table; about 3 minutes on 2 cores
 
 Each setting runs in a fresh process (XLA reads its flags once) with no compilation cache: a
 trial of the tiny mla_decoupled model, 10 steps of 8 x 32 tokens with spectra and probes every

@@ -26,8 +26,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # The suite is bound by XLA's CPU compilations of small programs, not by running them. LLVM at
 # -O1 instead of -O2 and XLA's loop emitters for fusions instead of its newer fusion emitters
-# compile them in about two thirds of the time (BENCHMARKS.md, "The test suite"). Numerics under
-# test are compared with references or with themselves within one setting;
+# compile them in a little over half the time (BENCHMARKS.md, "The test suite"). Numerics
+# under test are compared with references or with themselves within one setting;
 # tests/test_golden.py records its values under this one.
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=1 --xla_cpu_use_fusion_emitters=false"
 
@@ -40,11 +40,12 @@ def _xla_accepts(xla_flags: str) -> bool:
     return probe.returncode == 0
 
 
+_WITH_FAST_COMPILE = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
 if FAST_COMPILE_FLAGS in os.environ.get("XLA_FLAGS", ""):      # set by the session that started us
     TEST_XLA_FLAGS = FAST_COMPILE_FLAGS
-elif _xla_accepts(f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}"):
+elif _xla_accepts(_WITH_FAST_COMPILE):
     TEST_XLA_FLAGS = FAST_COMPILE_FLAGS
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+    os.environ["XLA_FLAGS"] = _WITH_FAST_COMPILE
 else:
     TEST_XLA_FLAGS = ""
     print(f"conftest: this jaxlib refuses XLA_FLAGS {FAST_COMPILE_FLAGS!r}; the suite compiles "
