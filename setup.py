@@ -36,6 +36,7 @@ setuptools.setup(
         "corpora": CORPORA,
         "test": ["pytest", "pytest-xdist>=3.0",   # two workers: the suite is compile-bound
                  "nbclient", "nbformat", "ipykernel", *CORPORA,
+                 "threadpoolctl>=3",    # one BLAS thread per worker's core (tests/conftest.py)
                  "powerlaw>=2.0"],      # the reference for mla_rmt.tail_fit in tests
         # bench/weightwatcher_compare.py: weightwatcher reads safetensors through torch (CPU wheel).
         "weightwatcher": ["weightwatcher==0.7.7", "torch==2.13.0", "scikit-learn", "tqdm"],

@@ -1,11 +1,15 @@
 """Where a short tiny trial's time goes on a CPU: XLA compilation under several compiler
-settings, and the ESD and heatmap images. The test suite is made of such trials.
+settings, with the layers unrolled (the default) or under a rolled scan, and the ESD and
+heatmap images. The test suite is made of such trials.
 
-    python -m bench.cpu_trial_cost                 # a table; about 3 minutes on 2 cores
+    python -m bench.cpu_trial_cost                 # two tables; about 4 minutes on 2 cores
+    taskset -c 0 python -m bench.cpu_trial_cost    # on one core, as a test worker runs
 
 Each setting runs in a fresh process (XLA reads its flags once) with no compilation cache: a
 trial of the tiny mla_decoupled model, 10 steps of 8 x 32 tokens with spectra and probes every
-step and images at step 0 only; XLA's defaults run once more with images every step.
+step and images at step 0 only; XLA's defaults run once more with images every step. The
+second table is what rolling the layers costs a long trial: the step time of the README's
+trial (configs/rope_budget_sweep.py:tiny, trial 1, 16 x 128 tokens) under the suite's flags.
 """
 import argparse
 import json
@@ -19,19 +23,20 @@ import time
 
 O1, O0 = "--xla_backend_optimization_level=1", "--xla_backend_optimization_level=0"
 LOOP_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+SUITE = "-O1, loop emitters (the test suite's)"
 SETTINGS = {
     "-O2 (XLA's default)": "",
     "-O1": O1,
     "-O0": O0,
     "-O2, loop emitters": LOOP_EMITTERS,
-    "-O1, loop emitters (the test suite's)": f"{O1} {LOOP_EMITTERS}",
+    SUITE: f"{O1} {LOOP_EMITTERS}",
     "-O1, loop emitters, no expensive LLVM passes":
         f"{O1} {LOOP_EMITTERS} --xla_llvm_disable_expensive_passes=true",
     "-O0, loop emitters": f"{O0} {LOOP_EMITTERS}",
 }
 
 
-def trial(images_every: int) -> dict:
+def trial(images_every: int, scan_unroll: int) -> dict:
     """Runs the trial in this process; returns wall and compile seconds."""
     import io  # pylint: disable=import-outside-toplevel
 
@@ -44,12 +49,43 @@ def trial(images_every: int) -> dict:
         "model.attention.kind": "mla_decoupled", "model.attention.rope_fraction": 0.5,
         "data.seq_len": 32, "data.global_batch_size": 8, "train.eval_batches": 2,
         "train.num_steps": 10, "train.log_every": 1, "train.eval_every": 5,
-        "train.checkpoint_every": 5, "diagnostics.every": 1, "diagnostics.images_every": images_every})
+        "train.checkpoint_every": 5, "diagnostics.every": 1, "diagnostics.images_every": images_every,
+        "model.scan_unroll": scan_unroll})
     start = time.perf_counter()
     assert train.train_and_evaluate(config, tempfile.mkdtemp()).status == "finished"
     wall = time.perf_counter() - start
     compiles = [float(s) for s in re.findall(r"Finished XLA compilation of .*? in ([0-9.]+) sec", log.getvalue())]
     return {"wall": wall, "compile": sum(compiles)}
+
+
+def readme_step(scan_unroll: int, steps: int = 10) -> dict:
+    """Compile seconds of the README trial's init and train step, and ms per step after the
+    first (synthetic tokens, diagnostics off)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    from configs import rope_budget_sweep  # pylint: disable=import-outside-toplevel
+    from mla_rmt import config_check, sharding, step, sweep  # pylint: disable=import-outside-toplevel
+    config = sweep.apply(rope_budget_sweep.get_config("tiny"), rope_budget_sweep.get_sweep("tiny")[1])
+    config.diagnostics.every, config.model.scan_unroll = 0, scan_unroll
+    trainer = step.make_trainer(config, config_check.validate(config), sharding.make_mesh(config.mesh))
+    key = jax.random.key(0)
+    start = time.perf_counter()
+    trainer.init_state.lower(key).compile()
+    init_compile = time.perf_counter() - start
+    state = trainer.init_state(key)
+    tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (16, 129)).astype(np.int32)
+    batch = {"inputs": jax.numpy.asarray(tokens[:, :-1]), "targets": jax.numpy.asarray(tokens[:, 1:])}
+    start = time.perf_counter()
+    train_step = trainer.train_step.lower(state, batch).compile()
+    step_compile = time.perf_counter() - start
+    state, metrics = train_step(state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = train_step(state, batch)
+    jax.block_until_ready(metrics)
+    return {"init_compile": init_compile, "step_compile": step_compile,
+            "step_ms": 1e3 * (time.perf_counter() - start) / steps}
 
 
 def render_seconds(repeats: int = 10) -> dict:
@@ -74,20 +110,37 @@ def render_seconds(repeats: int = 10) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--scan_unroll", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == "readme":
+        print(json.dumps(readme_step(args.scan_unroll)))
+        return
     if args.child:
-        print(json.dumps(trial(int(args.child))))
+        print(json.dumps(trial(int(args.child), args.scan_unroll)))
         return
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-    print("| XLA setting | images | trial s | compile s |\n| --- | --- | ---: | ---: |")
-    runs = [(name, flags, 1000, "step 0 only") for name, flags in SETTINGS.items()]
-    runs.insert(1, ("-O2 (XLA's default)", "", 1, "every step"))
-    for name, flags, images_every, label in runs:
-        proc = subprocess.run(
-            [sys.executable, "-m", "bench.cpu_trial_cost", f"--child={images_every}"],
-            env={**env, "XLA_FLAGS": flags}, capture_output=True, text=True, check=True)
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"| {name} | {label} | {result['wall']:.1f} | {result['compile']:.1f} |", flush=True)
+
+    def child(flags, *child_args):
+        proc = subprocess.run([sys.executable, "-m", "bench.cpu_trial_cost", *child_args],
+                              env={**env, "XLA_FLAGS": flags}, capture_output=True, text=True,
+                              check=True)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    print("| XLA setting | layers | images | trial s | compile s |\n| --- | --- | --- | ---: | ---: |")
+    runs = [(name, flags, 1000, "step 0 only", 0) for name, flags in SETTINGS.items()]
+    runs.insert(1, ("-O2 (XLA's default)", "", 1, "every step", 0))
+    runs.append((SUITE, SETTINGS[SUITE], 1000, "step 0 only", 1))
+    for name, flags, images_every, label, unroll in runs:
+        result = child(flags, f"--child={images_every}", f"--scan_unroll={unroll}")
+        layers = "rolled scan" if unroll == 1 else "unrolled"
+        print(f"| {name} | {layers} | {label} | {result['wall']:.1f} | {result['compile']:.1f} |",
+              flush=True)
+    print("\n| README trial, suite's flags | init compile s | step compile s | ms per step |\n"
+          "| --- | ---: | ---: | ---: |")
+    for unroll, layers in ((0, "unrolled (the default)"), (1, "rolled scan")):
+        result = child(SETTINGS[SUITE], "--child=readme", f"--scan_unroll={unroll}")
+        print(f"| {layers} | {result['init_compile']:.2f} | {result['step_compile']:.2f} | "
+              f"{result['step_ms']:.0f} |", flush=True)
     seconds = render_seconds()
     print(f"\nper image: ESD {seconds['esd']:.3f} s, heatmap {seconds['heatmap']:.3f} s")
 

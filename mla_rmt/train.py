@@ -19,8 +19,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from mla_rmt import (activations, attention, checkpoint, config_check, data, diagnostics, hparams, plots,
-                     sharding, summaries, tags, tokenizer, workdir as workdir_lib)
+from mla_rmt import (activations, attention, checkpoint, config_check, data, diagnostics, hparams, sharding,
+                     summaries, tags, tokenizer, workdir as workdir_lib)
 from mla_rmt.model import flops_per_token, param_count
 from mla_rmt.preemption import Preemption
 from mla_rmt.step import make_trainer
@@ -223,6 +223,8 @@ class WeightSpectra:
 
     def render(self, params_step: int, spectra: dict, heatmaps: dict) -> dict:
         """{tag: image} on the writer's thread; per-head ESDs pool the layer's heads."""
+        # Only a trial that draws loads matplotlib and pandas.
+        from mla_rmt import plots  # pylint: disable=import-outside-toplevel
         images = {}
         for name, values in spectra.items():
             spec = self.specs[name]

@@ -10,9 +10,27 @@ import tempfile
 
 import numpy as np
 import pytest
+import threadpoolctl
 from absl import flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _keep_to_own_cores():
+    """Each pytest-xdist worker, and every process it starts, runs on its own share of the CPUs
+    with one BLAS thread per CPU: thread pools sized for the whole machine (XLA's, OpenBLAS's)
+    would otherwise spin on the core the other worker is using (BENCHMARKS.md, "The test suite")."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus, index, count = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw")), int(count)
+    mine = cpus[index::count] if count < len(cpus) else [cpus[index % len(cpus)]]
+    os.sched_setaffinity(0, mine)                  # before jax sizes its thread pool
+    os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(len(mine))
+    threadpoolctl.threadpool_limits(len(mine))     # numpy is loaded already
+
+
+_keep_to_own_cores()
 
 # One XLA compilation cache for the session and every `python -m mla_rmt.main` it starts: the
 # same tiny models are compiled in many processes, and a cached executable is the same binary,
@@ -89,26 +107,33 @@ def rng():
     return np.random.default_rng(seed)
 
 
-@pytest.fixture
-def parse(monkeypatch):
-    """mla_rmt.main's flag parser on the global flags, in this process; the flags and the SIGINT
-    handler main installs are reset afterwards (config_flags reads the overrides from sys.argv,
-    as under app.run)."""
-    from mla_rmt import main  # pylint: disable=import-outside-toplevel  (defines the flags)
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["main", *args])
-        return main._parse_flags(sys.argv)  # pylint: disable=protected-access
-    sigint = signal.getsignal(signal.SIGINT)
-    yield run
-    signal.signal(signal.SIGINT, sigint)
+def _reset_flags():
     flags.FLAGS.unparse_flags()
     for name in [n for n in flags.FLAGS if n.startswith("config.")]:   # the overrides' flags,
         delattr(flags.FLAGS, name)                  # defined while parsing: again next time
 
 
-# A trial small enough for a test: the tiny model on short sequences.
-FAST_OVERRIDES = {"data.seq_len": 32, "data.global_batch_size": 8, "train.eval_batches": 2}
+@pytest.fixture
+def parse(monkeypatch):
+    """mla_rmt.main's flag parser on the global flags, in this process, afresh at each call; the
+    flags and the SIGINT handler main installs are reset afterwards (config_flags reads the
+    overrides from sys.argv, as under app.run)."""
+    from mla_rmt import main  # pylint: disable=import-outside-toplevel  (defines the flags)
+
+    def run(*args):
+        _reset_flags()
+        monkeypatch.setattr(sys, "argv", ["main", *args])
+        return main._parse_flags(sys.argv)  # pylint: disable=protected-access
+    sigint = signal.getsignal(signal.SIGINT)
+    yield run
+    signal.signal(signal.SIGINT, sigint)
+    _reset_flags()
+
+
+# A trial small enough for a test: the tiny model on short sequences, its layers under a rolled
+# scan, which compiles faster (tests/test_model.py holds it to the unrolled default's numbers).
+FAST_OVERRIDES = {"data.seq_len": 32, "data.global_batch_size": 8, "train.eval_batches": 2,
+                  "model.scan_unroll": 1}
 FAST = tuple(f"--config.{field}={value}" for field, value in FAST_OVERRIDES.items())
 
 

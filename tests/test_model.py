@@ -1,4 +1,5 @@
 """The LLaMA model, its presets and ModelConfig's checks."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,13 +33,14 @@ def test_forward_shapes_dtypes_and_causality():
     model = Transformer(cfg)
     rng = np.random.default_rng()
     tokens = rng.integers(0, cfg.vocab_size, (2, 16)).astype(np.int32)
-    params = model.init(jax.random.key(0), tokens)["params"]
+    params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-    logits = model.apply({"params": params}, tokens)
+    forward = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
+    logits = forward(tokens)
     assert logits.shape == (2, 16, cfg.vocab_size)
     changed = tokens.copy()
     changed[:, 9:] = rng.integers(0, cfg.vocab_size, (2, 7))
-    logits2 = model.apply({"params": params}, changed)
+    logits2 = forward(changed)
     np.testing.assert_array_equal(np.asarray(logits[:, :9]), np.asarray(logits2[:, :9]))
     assert not np.allclose(np.asarray(logits[:, 9:]), np.asarray(logits2[:, 9:]))
 
@@ -62,15 +64,37 @@ def test_swiglu_and_its_input_gradient_match_float64():
     dg, du = dh * u * sig * (1 + g * (1 - sig)), dh * g * sig
     np.testing.assert_allclose(np.asarray(dx), dg @ w_gate.T + du @ w_up.T, rtol=1e-4, atol=1e-4)
 
+@pytest.mark.parametrize("kind", ["mha", "mla_decoupled"])
+def test_a_rolled_layer_scan_inits_and_computes_what_the_unrolled_one_does(rng, kind):
+    """The tests' short trials roll the layer scan (conftest.FAST_OVERRIDES: it compiles in about
+    two thirds of the time): the same init, and the same logits and gradients to float32 rounding."""
+    tokens = rng.integers(0, 2048, (2, 16)).astype(np.int32)
+    weights = jnp.asarray(rng.standard_normal((2, 16, 2048)), jnp.float32)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    results = []
+    for unroll in (0, 1):                       # 0: all four layers unrolled (the default), 1: rolled
+        model = Transformer(_cfg(dtype="float32", scan_unroll=unroll, attention={"kind": kind}))
+        assert model.cfg.kind == kind and model.cfg.scan_unroll == (unroll or 4)
+
+        def loss(p, model=model):
+            logits = model.apply({"params": p}, tokens)
+            return jnp.sum(logits * weights), logits
+        params = jax.jit(lambda k, model=model: nn.meta.unbox(model.init(k, tokens)["params"]))(key)
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        results.append(jax.tree.map(np.asarray, (params, logits, grads)))
+    (params, logits, grads), (got_params, got_logits, got_grads) = results
+    jax.tree.map(np.testing.assert_array_equal, got_params, params)
+    np.testing.assert_allclose(got_logits, logits, rtol=1e-5, atol=1e-5 * np.abs(logits).max())
+    for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
 def test_bf16_compute_with_fp32_params():
     cfg = _cfg()
     model = Transformer(cfg)
     tokens = jnp.zeros((1, 8), jnp.int32)
-    params = model.init(jax.random.key(1), tokens)["params"]
-    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
-                          is_leaf=lambda x: hasattr(x, "unbox"))
+    params = jax.jit(lambda key: nn.meta.unbox(model.init(key, tokens)["params"]))(jax.random.key(1))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-    assert model.apply({"params": params}, tokens).dtype == jnp.bfloat16
+    assert jax.eval_shape(model.apply, {"params": params}, tokens).dtype == jnp.bfloat16
 
 @pytest.mark.parametrize("field, value, name", [
     ("d_model", 130, "config.model.d_model"),

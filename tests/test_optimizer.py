@@ -24,7 +24,7 @@ def test_learning_rate_schedule_warmup_then_cosine():
 def test_weight_decay_skips_norm_scales():
     config = presets.base_config()
     cfg = ModelConfig.from_config(config.model)
-    params = Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
     mask = optimizer_lib.decay_mask(params)  # pylint: disable=protected-access
     flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(mask)}
     assert not any(v for k, v in flat.items() if "scale" in k)

@@ -157,9 +157,9 @@ def edge_density_coefficient(gammas):
     x(z) = (1+z) prod(1 + g z) / z has its minimum e at z*, so Im z ~ sqrt(2 (e - x) / x''(z*))
     and rho = Im z / (pi x) gives b = sqrt(2 / x''(z*)) / e."""
     g = np.asarray(sp.canonical_gammas(gammas))
-    x = lambda z: (1 + z) * np.prod(1 + g * z) / z
+    x = lambda z: (1 + z) * np.prod(1 + np.multiply.outer(z, g), axis=-1) / z
     zs = np.geomspace(1e-4, 1e4, 200001)
-    z = zs[np.argmin([x(v) for v in zs])]
+    z = zs[np.argmin(x(zs))]
     h = 1e-4 * z
     x2 = (x(z + h) - 2 * x(z) + x(z - h)) / h ** 2
     return np.sqrt(2 / x2) / x(z)

@@ -1,4 +1,7 @@
 """mla_rmt/step.py: the train step, microbatching, and the Trainer's two steps."""
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,15 +15,16 @@ from mla_rmt.model_config import ModelConfig
 
 
 def _tiny_state(config, batch_rows=8, seq=16, dtype="float32"):
+    """The tiny model's state; its layers under a rolled scan, which compiles faster and computes
+    the same (tests/test_model.py)."""
     config.model.dtype = dtype
+    config.model.scan_unroll = 1
     config.optim.warmup_steps = 1
     cfg = ModelConfig.from_config(config.model)
     model, optimizer = Transformer(cfg), optimizer_lib.make_optimizer(config)
     tokens = np.random.default_rng().integers(0, cfg.vocab_size, (batch_rows, seq + 1)).astype(np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-    params = model.init(jax.random.key(0), batch["inputs"])["params"]
-    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
-                          is_leaf=lambda x: hasattr(x, "unbox"))
+    params = jax.jit(lambda key: nn.meta.unbox(model.init(key, batch["inputs"])["params"]))(jax.random.key(0))
     state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=optimizer.init(params))
     return model, optimizer, state, batch
@@ -98,6 +102,7 @@ def _trainer(every):
     config.model.attention.kind, config.model.attention.rope_fraction = "mla_decoupled", 0.5
     config.data.seq_len, config.data.global_batch_size = 16, 4
     config.diagnostics.every = every
+    config.model.scan_unroll = 1              # compiles faster (see _tiny_state)
     cfg = config_check.validate(config)
     mesh = sharding.make_mesh(config.mesh)
     tokens = np.random.default_rng().integers(0, cfg.vocab_size, (4, 17)).astype(np.int32)
@@ -110,7 +115,8 @@ def test_the_spectra_step_is_the_plain_step_plus_the_spectra_of_the_incoming_par
     assert [trainer.step_for(s) is trainer.spectra_step for s in range(7)] == [
         True, False, False, True, False, False, True]
     incoming = trainer.init_state(jax.random.key(0))
-    expected = jax.device_get(diagnostics.weight_spectra(incoming.params, cfg, trainer.spectra_specs))
+    expected = jax.device_get(jax.jit(functools.partial(
+        diagnostics.weight_spectra, cfg=cfg, specs=trainer.spectra_specs))(incoming.params))
     plain_state, plain = trainer.train_step(trainer.init_state(jax.random.key(0)), batch)
     spectra_state, with_spectra = trainer.spectra_step(incoming, batch)
     assert "spectra" not in plain and set(with_spectra) == set(plain) | {"spectra"}

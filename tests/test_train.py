@@ -1,6 +1,7 @@
 """The trainer end to end through `mla_rmt.main`: resume, preemption, NaN, summaries; a process
 of its own where the test is about the process (a kill, a signal, its log, its file limits)."""
 import json
+import logging
 import math
 import os
 import re
@@ -13,7 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, main_command, read_scalars, run_main
+from conftest import FAST_OVERRIDES, REPO, main_command, read_scalars, run_main
 from kill_during_save import POINTS
 from test_sweep import hparams_data
 
@@ -44,6 +45,19 @@ def _wait_for(predicate, proc, timeout=300):
         time.sleep(0.05)
     proc.kill()
     raise AssertionError("timed out waiting")
+
+
+def _main(parse, caplog, workdir, *overrides):
+    """mla_rmt.main in this process on a FAST trial: its exit status and its log."""
+    parse(*main_command(workdir, *overrides)[3:])
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="absl")      # parsed flags leave absl at WARNING
+    try:
+        main.main(["main"])
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    return status, "\n".join(r.getMessage() for r in caplog.records)
 
 
 def _restore_all(workdir):
@@ -79,7 +93,7 @@ def test_log_reports_progress(uninterrupted):
     assert "checkpoint_manager.py" not in proc.stderr and "[process=0]" not in proc.stderr
 
 
-def test_sigkill_then_resume_reproduces_losses(uninterrupted, tmp_path):
+def test_sigkill_then_resume_reproduces_losses(uninterrupted, tmp_path, parse, caplog):
     reference = read_scalars(uninterrupted[0])["train/loss"]
     proc = subprocess.Popen(main_command(tmp_path, *COMMON), cwd=REPO, stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, text=True)
@@ -89,10 +103,10 @@ def test_sigkill_then_resume_reproduces_losses(uninterrupted, tmp_path):
     kept_after_kill = _restore_all(tmp_path)
     assert 20 in kept_after_kill and STEPS not in kept_after_kill
 
-    resumed = run_main(tmp_path, *COMMON)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resuming from the checkpoint at step" in resumed.stderr
-    assert f'Taking over the lock of {{"host": "{os.uname().nodename}", "pid": {proc.pid}}}' in resumed.stderr
+    status, log = _main(parse, caplog, tmp_path, *COMMON)
+    assert status == 0, log[-3000:]
+    assert "Resuming from the checkpoint at step" in log
+    assert f'Taking over the lock of {{"host": "{os.uname().nodename}", "pid": {proc.pid}}}' in log
     losses = read_scalars(tmp_path)["train/loss"]
     assert sorted(losses) == sorted(reference)
     np.testing.assert_allclose([losses[s] for s in sorted(losses)],
@@ -100,16 +114,16 @@ def test_sigkill_then_resume_reproduces_losses(uninterrupted, tmp_path):
     assert STEPS in _restore_all(tmp_path)
 
 
-def test_a_second_job_is_refused_and_sigterm_saves_and_exits_preempted(tmp_path):
+def test_a_second_job_is_refused_and_sigterm_saves_and_exits_preempted(tmp_path, parse, caplog):
     overrides = ("--config.train.num_steps=100000", "--config.train.checkpoint_every=5",
                  "--config.train.log_every=1")
     proc = subprocess.Popen(main_command(tmp_path, *overrides), cwd=REPO, stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, text=True)
     _wait_for(lambda: (tmp_path / "checkpoints" / "5").exists(), proc)
-    second = run_main(tmp_path, *overrides, "--config.seed=1")
-    assert second.returncode == 1, second.stderr[-3000:]
-    assert f"{tmp_path} is in use by {{\"host\"" in second.stderr and f'"pid": {proc.pid}' in second.stderr
-    assert "Traceback" not in second.stderr and "Model:" not in second.stderr
+    status, log = _main(parse, caplog, tmp_path, *overrides, "--config.seed=1")
+    assert status == 1, log[-3000:]
+    assert f"{tmp_path} is in use by {{\"host\"" in log and f'"pid": {proc.pid}' in log
+    assert not any(r.exc_info for r in caplog.records) and "Model:" not in log
     assert json.loads((tmp_path / "config.json").read_text())["seed"] == 0
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
@@ -123,22 +137,19 @@ def test_a_second_job_is_refused_and_sigterm_saves_and_exits_preempted(tmp_path)
     start = hparams_data(tmp_path)["_hparams_/session_start_info"][0].session_start_info
     assert start.hparams["status"].string_value == "preempted"
     assert hparams_data(tmp_path)["_hparams_/session_end_info"][0].session_end_info.status == 3  # RUNNING
-    resumed = run_main(tmp_path, "--config.train.num_steps=%d" % (stopped_at + 2),
-                       "--config.train.checkpoint_every=5")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resuming from the checkpoint at step {stopped_at}" in resumed.stderr
+    status, log = _main(parse, caplog, tmp_path, f"--config.train.num_steps={stopped_at + 2}",
+                        "--config.train.checkpoint_every=5")
+    assert status == 0, log[-3000:]
+    assert f"Resuming from the checkpoint at step {stopped_at}" in log
 
 
 def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(parse, tmp_path, caplog):
     # An absurd learning rate without clipping overflows within a few steps.
-    parse(*main_command(tmp_path, "--config.optim.learning_rate=1e10",
+    status, log = _main(parse, caplog, tmp_path, "--config.optim.learning_rate=1e10",
                         "--config.optim.clip_norm=0", "--config.optim.warmup_steps=2",
                         "--config.train.num_steps=50", "--config.train.checkpoint_every=1",
-                        "--config.train.log_every=1")[3:])
-    with pytest.raises(SystemExit) as exit_info:
-        main.main(["main"])
-    assert exit_info.value.code == 1
-    log = "\n".join(r.getMessage() for r in caplog.records)
+                        "--config.train.log_every=1")
+    assert status == 1
     assert "not finite" in log or "train/loss is nan" in log or "train/loss is inf" in log, log[-3000:]
     assert "last good checkpoint" in log
     assert not any(r.exc_info for r in caplog.records)     # reported without a traceback
@@ -170,20 +181,20 @@ def _copy_unfinished(uninterrupted, tmp_path):
     return workdir
 
 
-def test_resuming_under_another_run_config_is_refused_unless_allowed(uninterrupted, tmp_path):
+def test_resuming_under_another_run_config_is_refused_unless_allowed(uninterrupted, tmp_path, parse, caplog):
     workdir = _copy_unfinished(uninterrupted, tmp_path)
     record = (workdir / "config.json").read_text()
     changes = ("--config.model.attention.rope_fraction=0.5", "--config.model.attention.remove_gap=True")
-    proc = run_main(workdir, *COMMON, *changes)
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "config.model.attention.rope_fraction: 1.0 in the record, 0.5 now" in proc.stderr
-    assert "config.model.attention.remove_gap: False in the record, True now" in proc.stderr
-    assert str(workdir) in proc.stderr and "Traceback" not in proc.stderr
+    status, log = _main(parse, caplog, workdir, *COMMON, *changes)
+    assert status == 1, log[-3000:]
+    assert "config.model.attention.rope_fraction: 1.0 in the record, 0.5 now" in log
+    assert "config.model.attention.remove_gap: False in the record, True now" in log
+    assert str(workdir) in log and not any(r.exc_info for r in caplog.records)
     assert (workdir / "config.json").read_text() == record and not (workdir / "result.json").exists()
 
-    allowed = run_main(workdir, *COMMON, *changes, "--allow_config_change")
-    assert allowed.returncode == 0, allowed.stderr[-3000:]
-    assert "under a changed config (--allow_config_change)" in allowed.stderr
+    status, log = _main(parse, caplog, workdir, *COMMON, *changes, "--allow_config_change")
+    assert status == 0, log[-3000:]
+    assert "under a changed config (--allow_config_change)" in log
     last = json.loads((workdir / "config_history.jsonl").read_text().splitlines()[-1])
     assert last["start_step"] == STEPS
     assert last["changed"] == {"model.attention.remove_gap": [False, True],
@@ -203,14 +214,14 @@ def _damage(step_dir):
             f.truncate(100)
 
 
-def test_a_damaged_latest_checkpoint_is_skipped_for_the_one_before(uninterrupted, tmp_path):
+def test_a_damaged_latest_checkpoint_is_skipped_for_the_one_before(uninterrupted, tmp_path, parse, caplog):
     reference = read_scalars(uninterrupted[0])["train/loss"]
     workdir = _copy_unfinished(uninterrupted, tmp_path)
     _damage(workdir / "checkpoints" / str(STEPS))
-    proc = run_main(workdir, *COMMON)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"Checkpoint {workdir / 'checkpoints' / str(STEPS)} does not restore" in proc.stderr
-    assert "Resuming from the checkpoint at step 30" in proc.stderr
+    status, log = _main(parse, caplog, workdir, *COMMON)
+    assert status == 0, log[-3000:]
+    assert f"Checkpoint {workdir / 'checkpoints' / str(STEPS)} does not restore" in log
+    assert "Resuming from the checkpoint at step 30" in log
     assert (workdir / "checkpoints" / f"{STEPS}.damaged").is_dir()      # kept, moved aside
     losses = read_scalars(workdir)["train/loss"]
     np.testing.assert_allclose([losses[s] for s in range(31, STEPS + 1)],
@@ -218,16 +229,16 @@ def test_a_damaged_latest_checkpoint_is_skipped_for_the_one_before(uninterrupted
     assert STEPS in _restore_all(workdir)
 
 
-def test_when_no_checkpoint_restores_the_error_names_the_directory(uninterrupted, tmp_path):
+def test_when_no_checkpoint_restores_the_error_names_the_directory(uninterrupted, tmp_path, parse, caplog):
     workdir = _copy_unfinished(uninterrupted, tmp_path)
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     for step in steps:
         _damage(workdir / "checkpoints" / str(step))
-    proc = run_main(workdir, *COMMON)
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert f"no checkpoint in {workdir / 'checkpoints'} restores" in proc.stderr
+    status, log = _main(parse, caplog, workdir, *COMMON)
+    assert status == 1, log[-3000:]
+    assert f"no checkpoint in {workdir / 'checkpoints'} restores" in log
     for step in steps:
-        assert f"{workdir / 'checkpoints' / str(step)}: " in proc.stderr
+        assert f"{workdir / 'checkpoints' / str(step)}: " in log
         assert (workdir / "checkpoints" / str(step)).is_dir()          # nothing moved or lost
 
 
@@ -237,7 +248,7 @@ KILL_COMMON = (f"--config.train.num_steps={KILL_STEPS}", "--config.train.log_eve
 
 
 @pytest.mark.parametrize("point, step", [(p, KILL_STEPS) for p in POINTS] + [("in_flight", 2)])
-def test_a_kill_during_a_checkpoint_keeps_every_scalar_logged_before_it(tmp_path, point, step):
+def test_a_kill_during_a_checkpoint_keeps_every_scalar_logged_before_it(tmp_path, point, step, parse, caplog):
     command = [sys.executable, str(REPO / "tests" / "kill_during_save.py"), point, str(step),
                *main_command(tmp_path, *KILL_COMMON)[3:]]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -254,9 +265,9 @@ def test_a_kill_during_a_checkpoint_keeps_every_scalar_logged_before_it(tmp_path
     assert scalars["final/eval_loss"][KILL_STEPS] == pytest.approx(result["eval/loss"], rel=1e-6)
     if point != "before_commit":
         return
-    resumed = run_main(tmp_path, *KILL_COMMON)      # not taken for finished: it resumes
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resuming from the checkpoint at step 2" in resumed.stderr
+    status, log = _main(parse, caplog, tmp_path, *KILL_COMMON)      # not taken for finished: it resumes
+    assert status == 0, log[-3000:]
+    assert "Resuming from the checkpoint at step 2" in log
     assert KILL_STEPS in _restore_all(tmp_path)
     assert len(hparams_data(tmp_path)["_hparams_/session_start_info"]) == 1   # one HParams row
 
@@ -361,13 +372,10 @@ def test_the_reporter_fetches_one_step_late_and_everything_before_a_checkpoint(t
 
 
 def test_a_trial_in_process_writes_probes_and_spectra_and_logs_the_headline(tmp_path, caplog):
-    import logging  # pylint: disable=import-outside-toplevel
-
-    from mla_rmt import presets, train  # pylint: disable=import-outside-toplevel
-    config = presets.base_config()
-    config.data.seq_len, config.data.global_batch_size = 32, 8
+    from mla_rmt import presets, sweep, train  # pylint: disable=import-outside-toplevel
+    config = sweep.apply(presets.base_config(), FAST_OVERRIDES)
     t = config.train
-    t.num_steps, t.log_every, t.eval_every, t.eval_batches, t.checkpoint_every = 4, 1, 4, 2, 4
+    t.num_steps, t.log_every, t.eval_every, t.checkpoint_every = 4, 1, 4, 4
     config.diagnostics.every, config.diagnostics.activations_every = 2, 3
     caplog.set_level(logging.INFO, logger="absl")   # parsed flags leave absl at WARNING
     result = train.train_and_evaluate(config, str(tmp_path))
