@@ -130,6 +130,14 @@ def parse(monkeypatch):
     _reset_flags()
 
 
+def init_params(model, key, tokens):
+    """The model's unboxed params, its init compiled as one program (an eager init compiles
+    every random draw on its own)."""
+    import flax.linen as nn  # pylint: disable=import-outside-toplevel  (jax after the set-up above)
+    import jax  # pylint: disable=import-outside-toplevel
+    return jax.jit(lambda key: nn.meta.unbox(model.init(key, tokens)["params"]))(key)
+
+
 # A trial small enough for a test: the tiny model on short sequences, its layers under a rolled
 # scan, which compiles faster (tests/test_model.py holds it to the unrolled default's numbers).
 FAST_OVERRIDES = {"data.seq_len": 32, "data.global_batch_size": 8, "train.eval_batches": 2,

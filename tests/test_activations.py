@@ -1,8 +1,8 @@
 """Activation diagnostics and the rank-collapse experiment against float64 numpy."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import init_params
 
 from mla_rmt import activations, presets
 from mla_rmt.model import Transformer
@@ -49,8 +49,7 @@ def test_probe_on_the_tiny_model_vanilla_against_remove_gap(rng):
         config.model.attention.remove_gap = remove_gap
         config.model.attention.remove_gap_mode = mode
         cfg = ModelConfig.from_config(config.model)
-        params = jax.jit(lambda key, cfg=cfg: nn.meta.unbox(Transformer(cfg).init(key, tokens)["params"]))(
-            jax.random.key(0))
+        params = init_params(Transformer(cfg), jax.random.key(0), tokens)
         stats = jax.device_get(jax.jit(activations.probe, static_argnums=0)(cfg, params, tokens))
         assert set(stats) == {"attn_sigma1", "attn_sigma2", "attn_sigma_ratio", "attn_entropy_bits",
                               "rep_stable_rank"}

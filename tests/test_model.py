@@ -1,9 +1,9 @@
 """The LLaMA model, its presets and ModelConfig's checks."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import init_params
 
 from mla_rmt import presets
 from mla_rmt.model import SwiGLU, Transformer, flops_per_token, param_count
@@ -79,7 +79,7 @@ def test_a_rolled_layer_scan_inits_and_computes_what_the_unrolled_one_does(rng, 
         def loss(p, model=model):
             logits = model.apply({"params": p}, tokens)
             return jnp.sum(logits * weights), logits
-        params = jax.jit(lambda k, model=model: nn.meta.unbox(model.init(k, tokens)["params"]))(key)
+        params = init_params(model, key, tokens)
         (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
         results.append(jax.tree.map(np.asarray, (params, logits, grads)))
     (params, logits, grads), (got_params, got_logits, got_grads) = results
@@ -92,7 +92,7 @@ def test_bf16_compute_with_fp32_params():
     cfg = _cfg()
     model = Transformer(cfg)
     tokens = jnp.zeros((1, 8), jnp.int32)
-    params = jax.jit(lambda key: nn.meta.unbox(model.init(key, tokens)["params"]))(jax.random.key(1))
+    params = init_params(model, jax.random.key(1), tokens)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
     assert jax.eval_shape(model.apply, {"params": params}, tokens).dtype == jnp.bfloat16
 

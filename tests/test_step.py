@@ -1,12 +1,12 @@
 """mla_rmt/step.py: the train step, microbatching, and the Trainer's two steps."""
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import init_params
 
 from mla_rmt import (config_check, diagnostics, loss as loss_lib, optimizer as optimizer_lib, presets, sharding,
                      step as step_lib)
@@ -24,7 +24,7 @@ def _tiny_state(config, batch_rows=8, seq=16, dtype="float32"):
     model, optimizer = Transformer(cfg), optimizer_lib.make_optimizer(config)
     tokens = np.random.default_rng().integers(0, cfg.vocab_size, (batch_rows, seq + 1)).astype(np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-    params = jax.jit(lambda key: nn.meta.unbox(model.init(key, batch["inputs"])["params"]))(jax.random.key(0))
+    params = init_params(model, jax.random.key(0), batch["inputs"])
     state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=optimizer.init(params))
     return model, optimizer, state, batch
