@@ -43,11 +43,14 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # The suite is bound by XLA's CPU compilations of small programs, not by running them. LLVM at
-# -O1 instead of -O2 and XLA's loop emitters for fusions instead of its newer fusion emitters
-# compile them in a little over half the time (BENCHMARKS.md, "The test suite"). Numerics
-# under test are compared with references or with themselves within one setting;
+# -O0 instead of -O2 and XLA's loop emitters for fusions instead of its newer fusion emitters
+# compile them several times faster and run them slower (BENCHMARKS.md, "The test suite").
+# Numerics under test are compared with references or with themselves within one setting;
 # tests/test_golden.py records its values under this one.
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=1 --xla_cpu_use_fusion_emitters=false"
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# A run bound by its steps rather than its compilation (the README's trial of 150 steps) is
+# started under -O1, which compiles slower and steps faster.
+STEP_BOUND_FLAGS = "--xla_backend_optimization_level=1 --xla_cpu_use_fusion_emitters=false"
 
 
 def _xla_accepts(xla_flags: str) -> bool:
@@ -68,6 +71,14 @@ else:
     TEST_XLA_FLAGS = ""
     print(f"conftest: this jaxlib refuses XLA_FLAGS {FAST_COMPILE_FLAGS!r}; the suite compiles "
           "with XLA's defaults (slower)", file=sys.stderr)
+
+
+def step_bound_env() -> dict:
+    """The environment for a subprocess that trains many steps: the suite's, under -O1."""
+    if not TEST_XLA_FLAGS:
+        return dict(os.environ)
+    return dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace(FAST_COMPILE_FLAGS,
+                                                                      STEP_BOUND_FLAGS))
 
 
 # Session fixtures every pytest-xdist worker may build for itself (cheap, used by every test).

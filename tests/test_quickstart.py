@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import REPO
+from conftest import REPO, step_bound_env
 from mla_rmt import data, tokenizer
 
 
@@ -20,7 +20,8 @@ def test_tiny_sweep_trial_beats_unigram_entropy_by_one_nat(tmp_path):
     command = [sys.executable, "-m", "mla_rmt.main",
                f"--config={REPO / 'configs/rope_budget_sweep.py'}:tiny", f"--workdir={tmp_path}",
                "--trial=1"]                     # mha, rope_fraction 0.5, exactly as the README runs it
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env=step_bound_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     (trial,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     result = json.loads((trial / "result.json").read_text())
