@@ -2,14 +2,14 @@
 settings, with the layers unrolled (the default) or under a rolled scan, and the ESD and
 heatmap images. The test suite is made of such trials.
 
-    python -m bench.cpu_trial_cost                 # two tables; about 4 minutes on 2 cores
+    python -m bench.cpu_trial_cost                 # two tables; about 5 minutes on 2 cores
     taskset -c 0 python -m bench.cpu_trial_cost    # on one core, as a test worker runs
 
 Each setting runs in a fresh process (XLA reads its flags once) with no compilation cache: a
 trial of the tiny mla_decoupled model, 10 steps of 8 x 32 tokens with spectra and probes every
 step and images at step 0 only; XLA's defaults run once more with images every step. The
-second table is what rolling the layers costs a long trial: the step time of the README's
-trial (configs/rope_budget_sweep.py:tiny, trial 1, 16 x 128 tokens) under the suite's flags.
+second table is what rolling the layers and -O0 cost a long trial: the step time of the
+README's trial (configs/rope_budget_sweep.py:tiny, trial 1, 16 x 128 tokens).
 """
 import argparse
 import json
@@ -23,16 +23,17 @@ import time
 
 O1, O0 = "--xla_backend_optimization_level=1", "--xla_backend_optimization_level=0"
 LOOP_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
-SUITE = "-O1, loop emitters (the test suite's)"
+SUITE = "-O0, loop emitters (the test suite's)"
+STEP_BOUND = "-O1, loop emitters (the suite's README trial)"
 SETTINGS = {
     "-O2 (XLA's default)": "",
     "-O1": O1,
     "-O0": O0,
     "-O2, loop emitters": LOOP_EMITTERS,
-    SUITE: f"{O1} {LOOP_EMITTERS}",
+    STEP_BOUND: f"{O1} {LOOP_EMITTERS}",
     "-O1, loop emitters, no expensive LLVM passes":
         f"{O1} {LOOP_EMITTERS} --xla_llvm_disable_expensive_passes=true",
-    "-O0, loop emitters": f"{O0} {LOOP_EMITTERS}",
+    SUITE: f"{O0} {LOOP_EMITTERS}",
 }
 
 
@@ -129,18 +130,19 @@ def main():
     print("| XLA setting | layers | images | trial s | compile s |\n| --- | --- | --- | ---: | ---: |")
     runs = [(name, flags, 1000, "step 0 only", 0) for name, flags in SETTINGS.items()]
     runs.insert(1, ("-O2 (XLA's default)", "", 1, "every step", 0))
-    runs.append((SUITE, SETTINGS[SUITE], 1000, "step 0 only", 1))
+    runs += [(name, SETTINGS[name], 1000, "step 0 only", 1) for name in (STEP_BOUND, SUITE)]
     for name, flags, images_every, label, unroll in runs:
         result = child(flags, f"--child={images_every}", f"--scan_unroll={unroll}")
         layers = "rolled scan" if unroll == 1 else "unrolled"
         print(f"| {name} | {layers} | {label} | {result['wall']:.1f} | {result['compile']:.1f} |",
               flush=True)
-    print("\n| README trial, suite's flags | init compile s | step compile s | ms per step |\n"
-          "| --- | ---: | ---: | ---: |")
-    for unroll, layers in ((0, "unrolled (the default)"), (1, "rolled scan")):
-        result = child(SETTINGS[SUITE], "--child=readme", f"--scan_unroll={unroll}")
-        print(f"| {layers} | {result['init_compile']:.2f} | {result['step_compile']:.2f} | "
-              f"{result['step_ms']:.0f} |", flush=True)
+    print("\n| README trial | layers | init compile s | step compile s | ms per step |\n"
+          "| --- | --- | ---: | ---: | ---: |")
+    for name, unroll in ((STEP_BOUND, 0), (STEP_BOUND, 1), (SUITE, 0)):
+        result = child(SETTINGS[name], "--child=readme", f"--scan_unroll={unroll}")
+        layers = "rolled scan" if unroll == 1 else "unrolled (the default)"
+        print(f"| {name} | {layers} | {result['init_compile']:.2f} | "
+              f"{result['step_compile']:.2f} | {result['step_ms']:.0f} |", flush=True)
     seconds = render_seconds()
     print(f"\nper image: ESD {seconds['esd']:.3f} s, heatmap {seconds['heatmap']:.3f} s")
 

@@ -6,7 +6,8 @@ last bits of float32 results depend on the machine (XLA's CPU kernels and their 
 between CPU models) and on the suite's XLA flags (conftest.TEST_XLA_FLAGS), so the values are
 held exactly on the platform they were recorded on (RECORDED_ON) and to RTOL elsewhere, which
 still catches a changed init, data order, loss, update or diagnostic definition. Regenerate
-them with `PYTHONPATH=. python tests/test_golden.py` only where a change of numerics is intended.
+them with `PYTHONPATH=. taskset -c 0 python tests/test_golden.py` (one core, as a test worker
+has) only where a change of numerics is intended.
 """
 import os
 import pathlib
