@@ -64,7 +64,7 @@ def get_config(arg: str = "gpu"):
     g.images_every = 1150         # ESD figures at step 0 only (past the last spectra step): they
                                   # render on the host, which six trials share
     if arg == "tiny":             # the same pipeline in a minute on a CPU
-        d.seq_len, d.global_batch_size = 64, 8
+        d.seq_len, d.global_batch_size = 32, 8
         t.num_steps, t.eval_batches, t.checkpoint_every = 21, 2, 21
         t.log_every = t.eval_every = g.every = 10
         g.images_every = 30       # step 0 only, as above

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import FAST_OVERRIDES, REPO, read_scalars
 
-from mla_rmt import presets, sweep, train
+from mla_rmt import analyze, presets, sweep, train
 
 RUN = {**FAST_OVERRIDES, "model.attention.kind": "mla_decoupled",
        "model.attention.rope_fraction": 0.5, "train.num_steps": 10, "train.log_every": 1,
@@ -90,7 +90,5 @@ def test_analyze_equals_the_in_step_values(runs):
 
 
 def test_analyze_names_a_missing_step(runs):
-    proc = subprocess.run([sys.executable, "-m", "mla_rmt.analyze", f"--workdir={runs[0]}",
-                           "--step=7"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "--step=7" in proc.stderr and "[5, 10]" in proc.stderr
+    with pytest.raises(ValueError, match=r"--step=7: no such checkpoint .*\[5, 10\]"):
+        analyze.analyze(str(runs[0]), step=7)
