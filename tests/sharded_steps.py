@@ -29,7 +29,8 @@ def make(kind: str, shape):
     config.data.seq_len, config.data.global_batch_size = 32, 16
     config.optim.warmup_steps = 1
     # The layers under a rolled scan, as in the suite's other short trials (tests/test_model.py
-    # holds it to the unrolled default's numbers): on 8 devices it compiles in half the time.
+    # holds it to the unrolled default's numbers): it compiles faster (BENCHMARKS.md, "The test
+    # suite").
     config.model.scan_unroll = 1
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
     mesh = sharding.make_mesh(config.mesh, jax.devices()[: int(np.prod(shape))])
