@@ -6,10 +6,11 @@ name of the field instead of a shape error deep inside compilation.
 import dataclasses
 from typing import Callable
 
-import jax.numpy as jnp
 import ml_collections
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# dtype names; jax is imported only where an array type is needed, so that reading a config
+# (the launch recipes, --list_trials) does not import it.
+_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -94,11 +95,13 @@ class ModelConfig:
 
     @property
     def compute_dtype(self):
-        return _DTYPES[self.dtype]
+        import jax.numpy as jnp  # pylint: disable=import-outside-toplevel  (see _DTYPES)
+        return getattr(jnp, self.dtype)
 
     @property
     def params_dtype(self):
-        return _DTYPES[self.param_dtype]
+        import jax.numpy as jnp  # pylint: disable=import-outside-toplevel  (see _DTYPES)
+        return getattr(jnp, self.param_dtype)
 
     def validate(self) -> None:
         def need(ok, field, msg):

@@ -150,9 +150,12 @@ def init_params(model, key, tokens):
 
 
 # A trial small enough for a test: the tiny model on short sequences, its layers under a rolled
-# scan, which compiles faster (tests/test_model.py holds it to the unrolled default's numbers).
+# scan, which compiles faster (tests/test_model.py holds it to the unrolled default's numbers),
+# computing in float32, which a CPU runs without converting to and from bfloat16 (the default
+# bfloat16 trains in tests/test_quickstart.py and tests/test_golden.py; BENCHMARKS.md, "The
+# test suite").
 FAST_OVERRIDES = {"data.seq_len": 32, "data.global_batch_size": 8, "train.eval_batches": 2,
-                  "model.scan_unroll": 1}
+                  "model.scan_unroll": 1, "model.dtype": "float32"}
 FAST = tuple(f"--config.{field}={value}" for field, value in FAST_OVERRIDES.items())
 
 
