@@ -12,7 +12,8 @@ from conftest import FAST_OVERRIDES, REPO, read_scalars
 from mla_rmt import analyze, presets, sweep, train
 
 # The default bfloat16 compute: with it the spectra step's update is the plain step's bit for
-# bit here; with float32 compute it is the same to rounding only (tests/test_step.py).
+# bit; with float32 compute under the suite's -O0 it is the same to rounding only
+# (tests/test_step.py).
 RUN = {**FAST_OVERRIDES, "model.dtype": "bfloat16", "model.attention.kind": "mla_decoupled",
        "model.attention.rope_fraction": 0.5, "train.num_steps": 10, "train.log_every": 1,
        "train.eval_every": 5, "train.checkpoint_every": 5,

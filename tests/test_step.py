@@ -113,8 +113,8 @@ def _trainer(every, dtype="bfloat16"):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_the_spectra_step_is_the_plain_step_plus_the_spectra_of_the_incoming_params(dtype):
-    """The same update, bit for bit with the default bfloat16 compute. With float32 compute the
-    two programs round the gradients differently (XLA compiles them apart), so the optimizer
+    """The same update, bit for bit with the default bfloat16 compute. With float32 compute,
+    under the suite's -O0, XLA rounds the two programs' gradients differently, so the optimizer
     moments agree to float32 rounding only (docs/spectral.md, "The spectra step")."""
     cfg, trainer, batch = _trainer(every=3, dtype=dtype)
     assert [trainer.step_for(s) is trainer.spectra_step for s in range(7)] == [
