@@ -51,9 +51,11 @@ def _relative_error(a, b):
     return np.linalg.norm((a - b).ravel()) / np.linalg.norm(b.ravel())
 
 # dtype: (loss rtol, grad-norm rtol, {optimizer: relative error of the parameter change})
-# fp32 adamw: typically 1e-4 - 4e-4 over fresh random batches, with a tail past 1e-3.
+# fp32 adamw: typically 1e-4 - 4e-4 over fresh random batches, with a tail past 1e-3. bf16
+# adamw, the worst leaf (a norm's scales, mostly): median 0.056, 90th percentile 0.08, largest
+# 0.151 over 40 fresh batches.
 STEP_TOLERANCES = {"float32": (1e-6, 1e-5, {"sgd": 1e-4, "adamw": 5e-3}),
-                   "bfloat16": (1e-3, 2e-3, {"sgd": 3e-2, "adamw": 0.15})}
+                   "bfloat16": (1e-3, 2e-3, {"sgd": 3e-2, "adamw": 0.3})}
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
