@@ -4,9 +4,9 @@ from the same state and batch, per attention kind and compute dtype.
     python bench/spectra_step_rounding.py                  # LLaMA-130M, seq 256, batch 64 (GPU)
     python bench/spectra_step_rounding.py --tiny           # tiny preset, 8 x 32 tokens (CPU)
 
-For each kind x dtype x layer layout, --steps times: the plain step twice and the spectra step once, each on a
-copy of the same incoming state and batch (synthetic tokens); then training goes on from the
-plain step's state. Printed per row: how many of the steps gave the same loss, and how many
+For each kind x dtype x layer layout, --steps times: the plain step twice and the spectra step
+once, each on a copy of the same incoming state and batch (synthetic tokens); then training goes
+on from the plain step's state. Printed per row: how many of the steps gave the same loss, and how many
 state leaves (params and optimizer moments) were bit-identical, for plain vs plain (is the step
 deterministic here?) and plain vs spectra (what the spectra step changes), and the largest
 difference of a leaf relative to the leaf's largest entry. docs/spectral.md, "The spectra step",
@@ -38,8 +38,7 @@ def make(kind: str, dtype: str, unroll: int, args):
     config = presets.base_config()
     presets.apply_model_preset(config, "tiny" if args.tiny else "llama_130m")
     config.model.attention.kind, config.model.attention.rope_fraction = kind, 0.5
-    if kind.startswith("mla"):
-        config.model.attention.kv_latent_dim = config.model.d_model // 2
+    config.model.attention.kv_latent_dim = config.model.d_model // 2   # the MLA kinds' ratio 2
     config.model.dtype, config.model.scan_unroll = dtype, unroll
     config.data.seq_len = args.seq_len or (32 if args.tiny else 256)
     config.data.global_batch_size = args.batch or (8 if args.tiny else 64)
@@ -96,7 +95,8 @@ def main(argv=None):
     for kind in args.kinds.split(","):
         for dtype in args.dtypes.split(","):
             for unroll in map(int, args.scan_unrolls.split(",")):
-                report(run(kind, dtype, unroll, args), "unrolled" if unroll == 0 else f"scan, unroll {unroll}")
+                layers = "unrolled" if unroll == 0 else f"scan, unroll {unroll}"
+                report(run(kind, dtype, unroll, args), layers)
 
 
 def report(r: dict, layers: str) -> None:

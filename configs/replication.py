@@ -63,8 +63,8 @@ def get_config(arg: str = "gpu"):
     g.every = 50                  # spectra at steps 0, 50, ..., 1100; activation probes at 50, ...
     g.images_every = 1150         # ESD figures at step 0 only (past the last spectra step): they
                                   # render on the host, which six trials share
-    if arg == "tiny":             # the same pipeline in a minute on a CPU, in float32, which a
-        config.model.dtype = "float32"    # CPU computes without converting (BENCHMARKS.md)
+    if arg == "tiny":             # the same pipeline in a minute on a CPU
+        config.model.dtype = "float32"    # a CPU computes it without converting (BENCHMARKS.md)
         d.seq_len, d.global_batch_size = 32, 8
         t.num_steps, t.eval_batches, t.checkpoint_every = 21, 2, 21
         t.log_every = t.eval_every = g.every = 10
